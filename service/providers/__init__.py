@@ -1,0 +1,19 @@
+"""Providers: the built-in dummy, and every OpenAI-compatible upstream (openai, gemini, ollama, ...)."""
+
+from __future__ import annotations
+
+from gateway.config import ProviderConfig
+
+from .base import Provider
+from .dummy import DummyProvider
+from .openai_compat import OpenAICompatibleProvider
+
+
+def build_provider(config: ProviderConfig) -> Provider:
+    if config.type == "dummy":
+        return DummyProvider(config)
+    # openai, gemini and ollama differ only in how the chat URL derives from api_url.
+    return OpenAICompatibleProvider(config)
+
+
+__all__ = ["DummyProvider", "OpenAICompatibleProvider", "Provider", "build_provider"]

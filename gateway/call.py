@@ -1,0 +1,41 @@
+"""What travels with every call besides the request message, whichever way the call is made."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Protocol
+
+from google.protobuf.message import Message
+
+Metadata = tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class CallInfo:
+    # gRPC-style metadata: lower-case keys (authorization, x-request-id, traceparent, ...).
+    metadata: Metadata = ()
+    # Seconds left before the caller gives up; None means the gateway's configured request timeout.
+    timeout: float | None = None
+
+    def get(self, key: str, default: str = "") -> str:
+        for k, v in self.metadata:
+            if k == key:
+                return v
+        return default
+
+
+class ChatBackend(Protocol):
+    """How the REST facade reaches the service: in the same process, or over a gRPC channel.
+
+    `method` is the full gRPC method name, like "/llm_gateway.v1.ChatService/ListModels". Failures
+    are raised as `gateway.errors.GatewayError`.
+    """
+
+    async def unary(self, method: str, request: Message, call: CallInfo) -> Message: ...
+
+    def stream(self, method: str, request: Message, call: CallInfo) -> AsyncIterator[Message]: ...
+
+    async def ready(self) -> bool: ...
+
+    async def close(self) -> None: ...

@@ -1,0 +1,255 @@
+"""Gateway configuration: YAML, `${VAR}` expansion, environment overrides, validation.
+
+The seed format works as written:
+
+    server: {port: 8080}
+    logging: {level: INFO}
+    providers:
+      openai: {api_key: "${OPENAI_API_KEY}", api_url: "https://api.openai.com/v1", is_openai_compatible: true}
+    models:
+      gpt-4o: openai
+
+Every problem is reported as one `ConfigError` line that names the key.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+
+PROVIDER_TYPES = ("openai", "gemini", "ollama", "dummy")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "WARN", "ERROR", "CRITICAL")
+DEFAULT_API_URLS = {
+    "openai": "https://api.openai.com/v1",
+    "gemini": "https://generativelanguage.googleapis.com",
+    "ollama": "http://localhost:11434",
+}
+DUMMY = "dummy"
+
+# Environment variables that override YAML, and the key each one overrides.
+ENV_OVERRIDES = {
+    "SERVER_HOST": ("server", "host"),
+    "SERVER_PORT": ("server", "port"),
+    "GRPC_PORT": ("server", "grpc_port"),
+    "GRPC_TARGET": ("server", "grpc_target"),
+    "WORKERS": ("server", "workers"),
+    "REQUEST_TIMEOUT": ("server", "request_timeout"),
+    "LOG_LEVEL": ("logging", "level"),
+}
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+class ConfigError(ValueError):
+    """A configuration problem, phrased as one line that names the key."""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "0.0.0.0"
+    port: int = 8080
+    grpc_port: int = 50051
+    # host:port of a remote gRPC service; empty means the facade calls the service in-process.
+    grpc_target: str = ""
+    workers: int = 1
+    # Seconds; the overall deadline of a request when the client sets none.
+    request_timeout: float = 600.0
+    max_body_bytes: int = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ProviderConfig:
+    name: str
+    type: str
+    api_url: str = ""
+    api_key: str = field(default="", repr=False)
+    connect_timeout: float = 10.0
+    # Seconds of upstream silence (before the first byte and between stream chunks) before giving up.
+    read_timeout: float = 600.0
+    max_connections: int = 100
+    latency_ms: float = 0.0  # dummy only
+    headers: Mapping[str, str] = field(default_factory=dict, repr=False)
+
+
+@dataclass(frozen=True)
+class ModelRoute:
+    name: str
+    provider: str
+    upstream_model: str
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    log_level: str = "INFO"
+    providers: Mapping[str, ProviderConfig] = field(default_factory=dict)
+    models: Mapping[str, ModelRoute] = field(default_factory=dict)
+    source: str = "<built-in default>"
+
+
+def load(path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None) -> Config:
+    """Load the config from `path`, else $CONFIG_PATH, else ./config.yml, else the built-in default."""
+    env = os.environ if environ is None else environ
+    chosen = path or env.get("CONFIG_PATH")
+    if not chosen and Path("config.yml").is_file():
+        chosen = "config.yml"
+    if not chosen:
+        return parse({}, env)
+    try:
+        text = Path(chosen).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"config file {chosen}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or "cannot be parsed"
+        raise ConfigError(f"config file {chosen}: invalid YAML{where}: {problem}") from None
+    return parse(data if data is not None else {}, env, source=str(chosen))
+
+
+def parse(data: Any, environ: Mapping[str, str], source: str = "<built-in default>") -> Config:
+    if not isinstance(data, dict):
+        raise ConfigError("config: the top level must be a mapping")
+    data = _expand(data, environ)
+    for var, (section, key) in ENV_OVERRIDES.items():
+        if environ.get(var):
+            sect = data.get(section)
+            if not isinstance(sect, dict):
+                sect = data[section] = {}
+            sect[key] = environ[var]
+
+    server = _server(_section(data, "server"))
+    logging_section = _section(data, "logging")
+    level = str(logging_section.get("level", "INFO")).upper()
+    if level not in LOG_LEVELS:
+        raise ConfigError(f"logging.level: {level!r} is not one of {', '.join(LOG_LEVELS[:-1])}")
+    providers = {name: _provider(name, spec) for name, spec in _section(data, "providers").items()}
+    providers.setdefault(DUMMY, ProviderConfig(name=DUMMY, type=DUMMY))
+    models = {name: _route(name, spec, providers) for name, spec in _section(data, "models").items()}
+    models.setdefault(DUMMY, ModelRoute(name=DUMMY, provider=DUMMY, upstream_model=DUMMY))
+    return Config(server=server, log_level=level, providers=providers, models=models, source=source)
+
+
+def _expand(value: Any, environ: Mapping[str, str]) -> Any:
+    """Replace ${VAR} and ${VAR:-default} in every string; an unset VAR becomes ''."""
+    if isinstance(value, str):
+        return _VAR.sub(lambda m: environ.get(m.group(1)) or (m.group(2) or ""), value)
+    if isinstance(value, dict):
+        return {str(k): _expand(v, environ) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand(v, environ) for v in value]
+    return value
+
+
+def _section(data: dict[str, Any], name: str) -> dict[str, Any]:
+    value = data.get(name)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{name}: must be a mapping")
+    return value
+
+
+def _server(spec: dict[str, Any]) -> ServerConfig:
+    defaults = ServerConfig()
+    known = set(ServerConfig.__dataclass_fields__)
+    for key in spec:
+        if key not in known:
+            raise ConfigError(f"server.{key}: unknown key (known: {', '.join(sorted(known))})")
+    target = str(spec.get("grpc_target") or "")
+    if target and not re.fullmatch(r"[^\s:]+:\d{1,5}", target.removeprefix("dns:///")):
+        raise ConfigError(f"server.grpc_target: {target!r} is not host:port")
+    return ServerConfig(
+        host=str(spec.get("host", defaults.host)),
+        port=_port(spec.get("port", defaults.port), "server.port"),
+        grpc_port=_port(spec.get("grpc_port", defaults.grpc_port), "server.grpc_port"),
+        grpc_target=target,
+        workers=_number(spec.get("workers", defaults.workers), "server.workers", int, minimum=1),
+        request_timeout=_number(spec.get("request_timeout", defaults.request_timeout), "server.request_timeout"),
+        max_body_bytes=_number(
+            spec.get("max_body_bytes", defaults.max_body_bytes), "server.max_body_bytes", int, minimum=1
+        ),
+    )
+
+
+def _provider(name: str, spec: Any) -> ProviderConfig:
+    where = f"providers.{name}"
+    if spec is None:
+        spec = {}
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{where}: must be a mapping")
+    kind = spec.get("type")
+    if kind is None:
+        if name in PROVIDER_TYPES:
+            kind = name
+        elif spec.get("is_openai_compatible"):
+            kind = "openai"
+        else:
+            raise ConfigError(f"{where}: set type (one of {', '.join(PROVIDER_TYPES)}) or is_openai_compatible: true")
+    if kind not in PROVIDER_TYPES:
+        raise ConfigError(f"{where}.type: {kind!r} is not one of {', '.join(PROVIDER_TYPES)}")
+    api_url = str(spec.get("api_url") or DEFAULT_API_URLS.get(kind, "")).rstrip("/")
+    if kind != DUMMY:
+        parts = urlsplit(api_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(f"{where}.api_url: {api_url!r} is not an http(s) URL")
+        try:
+            parts.port  # noqa: B018 - raises on a malformed port
+        except ValueError:
+            raise ConfigError(f"{where}.api_url: {api_url!r} has a malformed port") from None
+    headers = spec.get("headers") or {}
+    if not isinstance(headers, dict):
+        raise ConfigError(f"{where}.headers: must be a mapping")
+    return ProviderConfig(
+        name=name,
+        type=kind,
+        api_url=api_url,
+        api_key=str(spec.get("api_key") or ""),
+        connect_timeout=_number(spec.get("connect_timeout", 10.0), f"{where}.connect_timeout"),
+        read_timeout=_number(spec.get("read_timeout", 600.0), f"{where}.read_timeout"),
+        max_connections=_number(spec.get("max_connections", 100), f"{where}.max_connections", int, minimum=1),
+        latency_ms=_number(spec.get("latency_ms", 0), f"{where}.latency_ms", minimum=0),
+        headers={str(k): str(v) for k, v in headers.items()},
+    )
+
+
+def _route(name: str, spec: Any, providers: Mapping[str, ProviderConfig]) -> ModelRoute:
+    where = f"models.{name}"
+    if isinstance(spec, str):
+        provider, upstream = spec, name
+    elif isinstance(spec, dict):
+        provider = spec.get("provider")
+        upstream = spec.get("model") or name
+        if not isinstance(provider, str):
+            raise ConfigError(f"{where}.provider: required, the name of a provider")
+    else:
+        raise ConfigError(f"{where}: must be a provider name or {{provider, model}}")
+    if provider not in providers:
+        raise ConfigError(f"{where}: unknown provider {provider!r} (known: {', '.join(sorted(providers))})")
+    return ModelRoute(name=name, provider=provider, upstream_model=str(upstream))
+
+
+def _port(value: Any, where: str) -> int:
+    return _number(value, where, int, minimum=1, maximum=65535)
+
+
+def _number(value: Any, where: str, kind: type = float, minimum: float = 0, maximum: float | None = None) -> Any:
+    try:
+        number = kind(value)
+        if isinstance(value, bool) or (kind is int and float(value) != number):
+            raise ValueError
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: {value!r} is not {'an integer' if kind is int else 'a number'}") from None
+    if number < minimum or (maximum is not None and number > maximum):
+        bound = f"between {minimum} and {maximum}" if maximum is not None else f"at least {minimum}"
+        raise ConfigError(f"{where}: {value!r} must be {bound}")
+    return number

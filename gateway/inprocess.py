@@ -1,0 +1,41 @@
+"""The facade's in-process path to the service, like grpc-gateway's RegisterXHandlerServer: the REST
+handler calls the service's coroutine directly, with no serialization and no wire hop."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from google.protobuf.descriptor import ServiceDescriptor
+from google.protobuf.message import Message
+
+from .call import CallInfo
+
+
+def _snake(name: str) -> str:
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+
+
+class InProcessBackend:
+    def __init__(self, core: Any, service: ServiceDescriptor) -> None:
+        self._core = core
+        self._unary: dict[str, Callable[..., Any]] = {}
+        self._stream: dict[str, Callable[..., Any]] = {}
+        for method in service.methods:
+            table = self._stream if method.server_streaming else self._unary
+            table[f"/{service.full_name}/{method.name}"] = getattr(core, _snake(method.name))
+
+    async def unary(self, method: str, request: Message, call: CallInfo) -> Message:
+        result: Message = await self._unary[method](request, call)
+        return result
+
+    def stream(self, method: str, request: Message, call: CallInfo) -> AsyncIterator[Message]:
+        result: AsyncIterator[Message] = self._stream[method](request, call)
+        return result
+
+    async def ready(self) -> bool:
+        return True
+
+    async def close(self) -> None:
+        return None

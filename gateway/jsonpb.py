@@ -1,0 +1,348 @@
+"""Descriptor-driven JSON <-> protobuf codec, faithful to OpenAI's JSON.
+
+`json_format` is slow (pure Python, ~0.4 ms for a 2 KB request) and lossy (ints become floats in
+Struct, int64 becomes a string, nulls and unknown keys vanish). This codec follows the rules in
+proto/README.md instead, and builds one table per message type the first time it meets the type,
+so a request costs a dict lookup and a setattr per key.
+
+    codec = MessageCodec.for_type(chat_pb2.CreateChatCompletionRequest)
+    request = codec.loads(body)          # bytes -> message, raises JsonMappingError
+    body = codec.dumps(request)          # message -> bytes
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, ClassVar, Generic, TypeVar
+
+import orjson
+from google.protobuf.descriptor import Descriptor, FieldDescriptor, OneofDescriptor
+from google.protobuf.message import Message
+from llm_gateway.v1 import chat_pb2
+
+M = TypeVar("M", bound=Message)
+
+_RAW_JSON = chat_pb2.raw_json
+_EXTRA_JSON = chat_pb2.extra_json
+_JSON_VARIANT = chat_pb2.json_variant
+
+_NULL = "null"
+_EMPTY_LIST = "[]"
+
+Decoder = Callable[[Message, Any], None]
+Encoder = Callable[[Any], Any]
+
+
+class JsonMappingError(ValueError):
+    """A JSON value that does not fit the message; `param` is the path to it, like `messages[0].role`."""
+
+    def __init__(self, template: str, param: str) -> None:
+        self.template = template
+        self.param = param
+        self.message = template.format(param=param)
+        super().__init__(self.message)
+
+    def under(self, prefix: str) -> JsonMappingError:
+        if not self.param:
+            return JsonMappingError(self.template, prefix)
+        sep = "" if self.param.startswith("[") else "."
+        return JsonMappingError(self.template, f"{prefix}{sep}{self.param}")
+
+
+def _type_error(key: str, expected: str, value: Any) -> JsonMappingError:
+    got = "null" if value is None else type(value).__name__
+    got = {
+        "str": "a string",
+        "dict": "an object",
+        "list": "an array",
+        "bool": "a boolean",
+        "int": "an integer",
+        "float": "a number",
+    }.get(got, got)
+    return JsonMappingError(f"Invalid type for '{{param}}': expected {expected}, but got {got}.", key)
+
+
+def _dumps_raw(value: Any) -> str:
+    return orjson.dumps(value).decode()
+
+
+class MessageCodec(Generic[M]):
+    _cache: ClassVar[dict[str, MessageCodec[Any]]] = {}
+
+    @classmethod
+    def for_type(cls, message_type: type[M]) -> MessageCodec[M]:
+        return cls._for_descriptor(message_type.DESCRIPTOR, message_type)  # type: ignore[return-value]
+
+    @classmethod
+    def _for_descriptor(cls, descriptor: Descriptor, message_type: type[Message]) -> MessageCodec[Any]:
+        codec = cls._cache.get(descriptor.full_name)
+        if codec is None:
+            codec = cls(descriptor, message_type)
+            cls._cache[descriptor.full_name] = codec
+            codec._build()  # after caching, so recursive message types find themselves
+        return codec
+
+    def __init__(self, descriptor: Descriptor, message_type: type[Message]) -> None:
+        self.descriptor = descriptor
+        self.message_type = message_type
+        self._decoders: dict[str, Decoder] = {}
+        self._encoders: dict[str, tuple[str, Encoder]] = {}
+        self._repeated: frozenset[str] = frozenset()
+        self._extra: str | None = None
+
+    # ------------------------------------------------------------------ public
+
+    def loads(self, data: bytes | str) -> M:
+        try:
+            value = orjson.loads(data)
+        except orjson.JSONDecodeError as exc:
+            raise JsonMappingError(f"We could not parse the JSON body of your request: {exc}.", "") from None
+        if not isinstance(value, dict):
+            raise JsonMappingError(
+                "The request body must be a JSON object, but got "
+                + _type_error("", "", value).message.split("got ")[1],
+                "",
+            )
+        return self.decode(value)
+
+    def decode(self, obj: dict[str, Any]) -> M:
+        message = self.message_type()
+        self.decode_into(message, obj)
+        return message  # type: ignore[return-value]
+
+    def decode_into(self, message: Message, obj: dict[str, Any]) -> None:
+        decoders = self._decoders
+        for key, value in obj.items():
+            decoder = decoders.get(key)
+            if decoder is None or value is None or (value == [] and key in self._repeated):
+                # Unknown keys, and known keys whose value the typed field cannot hold, keep their JSON.
+                self._set_extra(message, key, _NULL if value is None else _dumps_raw(value))
+            else:
+                decoder(message, value)
+
+    def encode(self, message: Message) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        encoders = self._encoders
+        extra = None
+        for field, value in message.ListFields():
+            key, encoder = encoders[field.name]
+            if key:
+                out[key] = encoder(value)
+            else:
+                extra = value
+        if extra:
+            for key, raw in extra.items():
+                # A typed value wins over a stale raw one (the service may have set the field).
+                if key not in out:
+                    out[key] = orjson.Fragment(raw)
+        return out
+
+    def dumps(self, message: Message) -> bytes:
+        return orjson.dumps(self.encode(message))
+
+    # ------------------------------------------------------------------ tables
+
+    def _set_extra(self, message: Message, key: str, raw: str) -> None:
+        if self._extra is None:
+            raise JsonMappingError("Unrecognized request argument supplied: {param}", key)
+        getattr(message, self._extra)[key] = raw
+
+    def _build(self) -> None:
+        repeated: set[str] = set()
+        variants: set[str] = set()
+        for oneof in self.descriptor.oneofs:
+            if oneof.GetOptions().Extensions[_JSON_VARIANT]:
+                variants.add(oneof.name)
+                self._decoders[oneof.name] = self._variant_decoder(oneof)
+                for member in oneof.fields:
+                    self._encoders[member.name] = (oneof.name, self._variant_encoder(member))
+        for field in self.descriptor.fields:
+            if field.GetOptions().Extensions[_EXTRA_JSON]:
+                self._extra = field.name
+                self._encoders[field.name] = ("", _identity)
+                continue
+            oneof = field.containing_oneof
+            if oneof is not None and oneof.name in variants:
+                continue
+            if _is_repeated(field):
+                repeated.add(field.name)
+            self._decoders[field.name] = self._field_decoder(field)
+            self._encoders[field.name] = (field.name, self._field_encoder(field))
+        self._repeated = frozenset(repeated)
+
+    def _field_decoder(self, field: FieldDescriptor) -> Decoder:
+        name = field.name
+        if field.message_type is not None:
+            sub = MessageCodec._for_descriptor(field.message_type, _message_class(field))
+            if _is_repeated(field):
+
+                def decode_messages(message: Message, value: Any) -> None:
+                    if type(value) is not list:
+                        raise _type_error(name, "an array", value)
+                    container = getattr(message, name)
+                    for i, item in enumerate(value):
+                        if type(item) is not dict:
+                            raise _type_error(f"{name}[{i}]", "an object", item)
+                        try:
+                            sub.decode_into(container.add(), item)
+                        except JsonMappingError as exc:
+                            raise exc.under(f"{name}[{i}]") from None
+
+                return decode_messages
+
+            def decode_message(message: Message, value: Any) -> None:
+                if type(value) is not dict:
+                    raise _type_error(name, "an object", value)
+                child = getattr(message, name)
+                child.SetInParent()
+                try:
+                    sub.decode_into(child, value)
+                except JsonMappingError as exc:
+                    raise exc.under(name) from None
+
+            return decode_message
+
+        if field.GetOptions().Extensions[_RAW_JSON]:
+
+            def decode_raw(message: Message, value: Any) -> None:
+                setattr(message, name, _dumps_raw(value))
+
+            return decode_raw
+
+        check, expected = _SCALAR_CHECKS[field.type]
+        if _is_repeated(field):
+
+            def decode_scalars(message: Message, value: Any) -> None:
+                if type(value) is not list:
+                    raise _type_error(name, f"an array of {expected}", value)
+                for i, item in enumerate(value):
+                    if not check(item):
+                        raise _type_error(f"{name}[{i}]", expected, item)
+                getattr(message, name).extend(value)
+
+            return decode_scalars
+
+        def decode_scalar(message: Message, value: Any) -> None:
+            if not check(value):
+                raise _type_error(name, expected, value)
+            try:
+                setattr(message, name, value)
+            except ValueError:
+                raise JsonMappingError(f"Invalid value for '{{param}}': {value} is out of range.", name) from None
+
+        return decode_scalar
+
+    def _field_encoder(self, field: FieldDescriptor) -> Encoder:
+        if field.message_type is not None:
+            sub = MessageCodec._for_descriptor(field.message_type, _message_class(field))
+            if _is_repeated(field):
+                return lambda value: [sub.encode(item) for item in value]
+            return sub.encode
+        if field.GetOptions().Extensions[_RAW_JSON]:
+            return orjson.Fragment
+        if _is_repeated(field):
+            return list
+        return _identity
+
+    def _variant_decoder(self, oneof: OneofDescriptor) -> Decoder:
+        key = oneof.name
+        text_field = raw_field = list_field = None
+        list_item = ""
+        list_codec: MessageCodec[Any] | None = None
+        for member in oneof.fields:
+            if member.message_type is not None:
+                list_field = member.name
+                (inner,) = member.message_type.fields
+                list_item = inner.name
+                list_codec = MessageCodec._for_descriptor(member.message_type, _message_class(member))
+            elif member.GetOptions().Extensions[_RAW_JSON]:
+                raw_field = member.name
+            else:
+                text_field = member.name
+        expected = " or ".join(
+            kind
+            for kind, present in (("a string", text_field), ("an array", list_field), ("an object", raw_field))
+            if present
+        )
+
+        def decode_variant(message: Message, value: Any) -> None:
+            kind = type(value)
+            if kind is str and text_field:
+                setattr(message, text_field, value)
+            elif kind is list and list_field and list_codec is not None:
+                try:
+                    list_codec.decode_into(getattr(message, list_field), {list_item: value})
+                except JsonMappingError as exc:
+                    raise JsonMappingError(exc.template, key + exc.param[len(list_item) :]) from None
+                getattr(message, list_field).SetInParent()
+            elif raw_field and kind is not str and kind is not list:
+                setattr(message, raw_field, _dumps_raw(value))
+            else:
+                raise _type_error(key, expected, value)
+
+        return decode_variant
+
+    def _variant_encoder(self, member: FieldDescriptor) -> Encoder:
+        if member.message_type is not None:
+            (inner,) = member.message_type.fields
+            sub = MessageCodec._for_descriptor(member.message_type, _message_class(member))
+            inner_name = inner.name
+
+            def encode_list(value: Message) -> Any:
+                return sub.encode(value).get(inner_name, [])
+
+            return encode_list
+        if member.GetOptions().Extensions[_RAW_JSON]:
+            return orjson.Fragment
+        return _identity
+
+
+def _identity(value: Any) -> Any:
+    return value
+
+
+def _is_repeated(field: FieldDescriptor) -> bool:
+    return bool(field.is_repeated)
+
+
+def _message_class(field: FieldDescriptor) -> type[Message]:
+    from google.protobuf import message_factory
+
+    return message_factory.GetMessageClass(field.message_type)
+
+
+def _is_int(value: Any) -> bool:
+    return type(value) is int
+
+
+def _is_number(value: Any) -> bool:
+    return type(value) is float or type(value) is int
+
+
+def _is_str(value: Any) -> bool:
+    return type(value) is str
+
+
+def _is_bool(value: Any) -> bool:
+    return type(value) is bool
+
+
+_INTEGER_TYPES = (
+    FieldDescriptor.TYPE_INT32,
+    FieldDescriptor.TYPE_INT64,
+    FieldDescriptor.TYPE_UINT32,
+    FieldDescriptor.TYPE_UINT64,
+    FieldDescriptor.TYPE_SINT32,
+    FieldDescriptor.TYPE_SINT64,
+    FieldDescriptor.TYPE_FIXED32,
+    FieldDescriptor.TYPE_FIXED64,
+    FieldDescriptor.TYPE_SFIXED32,
+    FieldDescriptor.TYPE_SFIXED64,
+)
+_SCALAR_CHECKS: dict[int, tuple[Callable[[Any], bool], str]] = {
+    **{t: (_is_int, "an integer") for t in _INTEGER_TYPES},
+    FieldDescriptor.TYPE_DOUBLE: (_is_number, "a number"),
+    FieldDescriptor.TYPE_FLOAT: (_is_number, "a number"),
+    FieldDescriptor.TYPE_STRING: (_is_str, "a string"),
+    FieldDescriptor.TYPE_BOOL: (_is_bool, "a boolean"),
+}

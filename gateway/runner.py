@@ -1,0 +1,58 @@
+"""One worker process: the gRPC service and the REST facade on one event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from typing import Any
+
+from . import logs
+from .call import ChatBackend
+from .config import Config
+
+log = logs.get_logger("runner")
+
+
+async def serve(config: Config, grpc_only: bool = False, stop: asyncio.Event | None = None) -> None:
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+
+    server = core = rest = None
+    backend: ChatBackend | None = None
+    srv = config.server
+    try:
+        if not srv.grpc_target:
+            from llm_gateway.v1 import chat_pb2
+
+            from service.chat import ChatCore
+            from service.server import SERVICE_NAME, start_grpc_server
+
+            from .inprocess import InProcessBackend
+
+            core = ChatCore(config)
+            server = await start_grpc_server(core, f"{srv.host}:{srv.grpc_port}")
+            backend = InProcessBackend(core, chat_pb2.DESCRIPTOR.services_by_name["ChatService"])
+            log.info("grpc listening", address=f"{srv.host}:{srv.grpc_port}", service=SERVICE_NAME)
+        if not grpc_only:
+            rest = await _start_rest(config, backend)
+        await stop.wait()
+    finally:
+        log.info("shutting down")
+        if rest is not None:
+            await rest.close()
+        if server is not None:
+            await server.stop(grace=5)
+        if core is not None:
+            await core.close()
+
+
+async def _start_rest(config: Config, backend: ChatBackend | None) -> Any:
+    try:
+        from rest_facade.server import start_rest_server
+    except ImportError:  # the facade is not built yet
+        return None
+    return await start_rest_server(config, backend)

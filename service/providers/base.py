@@ -1,0 +1,29 @@
+"""The one small interface every provider implements."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Protocol
+
+from llm_gateway.v1 import chat_pb2
+
+from gateway.call import CallInfo
+
+
+class Provider(Protocol):
+    name: str
+
+    async def complete(
+        self, request: chat_pb2.CreateChatCompletionRequest, upstream_model: str, call: CallInfo
+    ) -> chat_pb2.ChatCompletion:
+        """One chat completion. Raises gateway.errors.GatewayError."""
+        ...
+
+    def stream(
+        self, request: chat_pb2.CreateChatCompletionRequest, upstream_model: str, call: CallInfo
+    ) -> AsyncIterator[chat_pb2.ChatCompletionChunk]:
+        """The chunks of a streamed completion, always ending with a usage chunk when the upstream
+        reports usage. Closing the iterator closes the upstream request."""
+        ...
+
+    async def close(self) -> None: ...

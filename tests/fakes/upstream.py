@@ -1,0 +1,215 @@
+"""A fake upstream provider: a real aiohttp server on loopback, in a thread of the test process.
+
+It answers like OpenAI's chat completions API (and Gemini's and Ollama's compatibility layers, which
+are the same API under other paths), records every request it receives, and notices when the
+gateway closes a connection it was still answering.
+
+    upstream.reply(200, {...})                 # every request gets this JSON
+    upstream.stream([chunk, chunk], done=True) # SSE
+    upstream.hang()                            # accept and never answer
+    upstream.handler = my_coroutine            # anything else
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass
+class Received:
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+
+    @property
+    def json(self) -> Any:
+        return orjson.loads(self.body)
+
+
+def completion(content: str = "Hello!", model: str = "upstream-model", **extra: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "id": "chatcmpl-123",
+        "object": "chat.completion",
+        "created": 1700000000,
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": content, "refusal": None, "annotations": []},
+                "logprobs": None,
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": {
+            "prompt_tokens": 11,
+            "completion_tokens": 7,
+            "total_tokens": 18,
+            "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+            "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0},
+        },
+        "service_tier": "default",
+        "system_fingerprint": "fp_abc",
+    }
+    body.update(extra)
+    return body
+
+
+def chunks(
+    pieces: list[str] = ["Hel", "lo", "!"],
+    model: str = "upstream-model",
+    usage: bool = True,
+) -> list[dict[str, Any]]:
+    """OpenAI's stream shape with include_usage: "usage": null on each chunk, then a usage-only chunk."""
+    base = {
+        "id": "chatcmpl-s1",
+        "object": "chat.completion.chunk",
+        "created": 1700000000,
+        "model": model,
+        "system_fingerprint": "fp_abc",
+        "service_tier": "default",
+    }
+    out = [
+        {
+            **base,
+            "choices": [
+                {
+                    "index": 0,
+                    "delta": {"role": "assistant", "content": "", "refusal": None},
+                    "logprobs": None,
+                    "finish_reason": None,
+                }
+            ],
+        }
+    ]
+    out += [
+        {**base, "choices": [{"index": 0, "delta": {"content": p}, "logprobs": None, "finish_reason": None}]}
+        for p in pieces
+    ]
+    out.append({**base, "choices": [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}]})
+    if usage:
+        for chunk in out:
+            chunk["usage"] = None
+        out.append(
+            {
+                **base,
+                "choices": [],
+                "usage": {"prompt_tokens": 9, "completion_tokens": len(pieces), "total_tokens": 9 + len(pieces)},
+            }
+        )
+    return out
+
+
+@dataclass
+class FakeUpstream:
+    host: str = "127.0.0.1"
+    port: int = 0
+    received: list[Received] = field(default_factory=list)
+    handler: Handler | None = None
+    disconnected: threading.Event = field(default_factory=threading.Event)
+
+    def __post_init__(self) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._runner: web.AppRunner | None = None
+        self.reply(200, completion())
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    # ------------------------------------------------------------------ behaviours
+
+    def reply(self, status: int, body: Any, headers: dict[str, str] | None = None) -> None:
+        payload = body if isinstance(body, bytes) else orjson.dumps(body)
+
+        async def handle(request: web.Request) -> web.StreamResponse:
+            return web.Response(status=status, body=payload, content_type="application/json", headers=headers)
+
+        self.handler = handle
+
+    def stream(self, events: list[Any], done: bool = True, delay: float = 0.0, hold: bool = False) -> None:
+        """SSE: one `data:` event per item (dicts become JSON); `hold` keeps the connection open after."""
+
+        async def handle(request: web.Request) -> web.StreamResponse:
+            response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+            await response.prepare(request)
+            try:
+                for event in events:
+                    data = event if isinstance(event, bytes) else orjson.dumps(event)
+                    await response.write(b"data: " + data + b"\n\n")
+                    if delay:
+                        await asyncio.sleep(delay)
+                if done:
+                    await response.write(b"data: [DONE]\n\n")
+                if hold:
+                    await self._wait_for_disconnect(request)
+            except (ConnectionError, asyncio.CancelledError):
+                self.disconnected.set()
+                raise
+            return response
+
+        self.handler = handle
+
+    def hang(self) -> None:
+        async def handle(request: web.Request) -> web.StreamResponse:
+            await self._wait_for_disconnect(request)
+            return web.Response(status=200)
+
+        self.handler = handle
+
+    async def _wait_for_disconnect(self, request: web.Request) -> None:
+        try:
+            while request.transport is not None and not request.transport.is_closing():
+                await asyncio.sleep(0.01)
+        finally:  # aiohttp cancels the handler when the peer goes away
+            self.disconnected.set()
+
+    def wait_disconnected(self, timeout: float = 10.0) -> bool:
+        return self.disconnected.wait(timeout)
+
+    # ------------------------------------------------------------------ server
+
+    async def _dispatch(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        self.received.append(Received(request.method, request.path, dict(request.headers), body))
+        assert self.handler is not None
+        return await self.handler(request)
+
+    def start(self) -> FakeUpstream:
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(10)
+        return self
+
+    async def _start(self) -> None:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_route("*", "/{tail:.*}", self._dispatch)
+        self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port)
+        await site.start()
+        server = site._server
+        assert server is not None
+        self.port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+    def stop(self) -> None:
+        if self._runner is not None:
+            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+
+    def last(self, timeout: float = 5.0) -> Received:
+        deadline = time.monotonic() + timeout
+        while not self.received and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return self.received[-1]
