@@ -224,6 +224,7 @@ def _provider(name: str, spec: Any) -> ProviderConfig:
 
 def _route(name: str, spec: Any, providers: Mapping[str, ProviderConfig]) -> ModelRoute:
     where = f"models.{name}"
+    provider: Any
     if isinstance(spec, str):
         provider, upstream = spec, name
     elif isinstance(spec, dict):
@@ -239,7 +240,8 @@ def _route(name: str, spec: Any, providers: Mapping[str, ProviderConfig]) -> Mod
 
 
 def _port(value: Any, where: str) -> int:
-    return _number(value, where, int, minimum=1, maximum=65535)
+    port: int = _number(value, where, int, minimum=1, maximum=65535)
+    return port
 
 
 def _number(value: Any, where: str, kind: type = float, minimum: float = 0, maximum: float | None = None) -> Any:

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any, ClassVar, Generic, TypeVar
 
 import orjson
+from google.protobuf import message_factory
 from google.protobuf.descriptor import Descriptor, FieldDescriptor, OneofDescriptor
 from google.protobuf.message import Message
 from llm_gateway.v1 import chat_pb2
@@ -71,7 +72,7 @@ class MessageCodec(Generic[M]):
 
     @classmethod
     def for_type(cls, message_type: type[M]) -> MessageCodec[M]:
-        return cls._for_descriptor(message_type.DESCRIPTOR, message_type)  # type: ignore[return-value]
+        return cls._for_descriptor(message_type.DESCRIPTOR, message_type)  # type: ignore[arg-type]
 
     @classmethod
     def _for_descriptor(cls, descriptor: Descriptor, message_type: type[Message]) -> MessageCodec[Any]:
@@ -151,18 +152,20 @@ class MessageCodec(Generic[M]):
         repeated: set[str] = set()
         variants: set[str] = set()
         for oneof in self.descriptor.oneofs:
-            if oneof.GetOptions().Extensions[_JSON_VARIANT]:
+            if _option(oneof.GetOptions(), _JSON_VARIANT):
                 variants.add(oneof.name)
+                if any(member.message_type is not None for member in oneof.fields):
+                    repeated.add(oneof.name)  # an empty array for it is kept raw, like any empty list
                 self._decoders[oneof.name] = self._variant_decoder(oneof)
                 for member in oneof.fields:
                     self._encoders[member.name] = (oneof.name, self._variant_encoder(member))
         for field in self.descriptor.fields:
-            if field.GetOptions().Extensions[_EXTRA_JSON]:
+            if _option(field.GetOptions(), _EXTRA_JSON):
                 self._extra = field.name
                 self._encoders[field.name] = ("", _identity)
                 continue
-            oneof = field.containing_oneof
-            if oneof is not None and oneof.name in variants:
+            container = field.containing_oneof
+            if container is not None and container.name in variants:
                 continue
             if _is_repeated(field):
                 repeated.add(field.name)
@@ -202,7 +205,7 @@ class MessageCodec(Generic[M]):
 
             return decode_message
 
-        if field.GetOptions().Extensions[_RAW_JSON]:
+        if _option(field.GetOptions(), _RAW_JSON):
 
             def decode_raw(message: Message, value: Any) -> None:
                 setattr(message, name, _dumps_raw(value))
@@ -238,7 +241,7 @@ class MessageCodec(Generic[M]):
             if _is_repeated(field):
                 return lambda value: [sub.encode(item) for item in value]
             return sub.encode
-        if field.GetOptions().Extensions[_RAW_JSON]:
+        if _option(field.GetOptions(), _RAW_JSON):
             return orjson.Fragment
         if _is_repeated(field):
             return list
@@ -255,7 +258,7 @@ class MessageCodec(Generic[M]):
                 (inner,) = member.message_type.fields
                 list_item = inner.name
                 list_codec = MessageCodec._for_descriptor(member.message_type, _message_class(member))
-            elif member.GetOptions().Extensions[_RAW_JSON]:
+            elif _option(member.GetOptions(), _RAW_JSON):
                 raw_field = member.name
             else:
                 text_field = member.name
@@ -292,7 +295,7 @@ class MessageCodec(Generic[M]):
                 return sub.encode(value).get(inner_name, [])
 
             return encode_list
-        if member.GetOptions().Extensions[_RAW_JSON]:
+        if _option(member.GetOptions(), _RAW_JSON):
             return orjson.Fragment
         return _identity
 
@@ -306,9 +309,12 @@ def _is_repeated(field: FieldDescriptor) -> bool:
 
 
 def _message_class(field: FieldDescriptor) -> type[Message]:
-    from google.protobuf import message_factory
-
+    assert field.message_type is not None
     return message_factory.GetMessageClass(field.message_type)
+
+
+def _option(options: Any, extension: Any) -> bool:
+    return bool(options.Extensions[extension])
 
 
 def _is_int(value: Any) -> bool:

@@ -52,7 +52,7 @@ async def serve(config: Config, grpc_only: bool = False, stop: asyncio.Event | N
 
 async def _start_rest(config: Config, backend: ChatBackend | None) -> Any:
     try:
-        from rest_facade.server import start_rest_server
+        from rest_facade.server import start_rest_server  # type: ignore[import-not-found,unused-ignore]
     except ImportError:  # the facade is not built yet
         return None
     return await start_rest_server(config, backend)

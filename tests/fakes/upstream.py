@@ -66,7 +66,7 @@ def completion(content: str = "Hello!", model: str = "upstream-model", **extra: 
 
 
 def chunks(
-    pieces: list[str] = ["Hel", "lo", "!"],
+    pieces: tuple[str, ...] = ("Hel", "lo", "!"),
     model: str = "upstream-model",
     usage: bool = True,
 ) -> list[dict[str, Any]]:
@@ -170,7 +170,7 @@ class FakeUpstream:
 
     async def _wait_for_disconnect(self, request: web.Request) -> None:
         try:
-            while request.transport is not None and not request.transport.is_closing():
+            while request.transport is not None and not request.transport.is_closing():  # noqa: ASYNC110
                 await asyncio.sleep(0.01)
         finally:  # aiohttp cancels the handler when the peer goes away
             self.disconnected.set()
