@@ -376,3 +376,46 @@ def test_sigterm_stops_cleanly(tmp_path: Path) -> None:
     started = time.monotonic()
     assert process.stop() == 0
     assert time.monotonic() - started < 10
+
+
+def test_stream_that_drops_midway_ends_with_an_error_after_its_chunks(stub: Any, fake: FakeUpstream) -> None:
+    fake.stream(chunks()[:2], done=False)  # two events, then the connection closes without [DONE]
+    request = REQUEST.decode({"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}], "stream": True})
+    received = []
+    with pytest.raises(grpc.RpcError) as info:
+        for chunk in stub.StreamChatCompletion(request, timeout=10):
+            received.append(chunk)
+    assert len(received) == 2
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert _status_detail(info.value).http_status == 502
+
+
+def test_error_event_inside_a_stream(stub: Any, fake: FakeUpstream) -> None:
+    error = {"error": {"message": "overloaded", "type": "server_error", "param": None, "code": None}}
+    fake.stream([chunks()[0], error], done=False)
+    request = REQUEST.decode({"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}], "stream": True})
+    with pytest.raises(grpc.RpcError) as info:
+        list(stub.StreamChatCompletion(request, timeout=10))
+    assert info.value.details() == "overloaded"
+    assert orjson.loads(_status_detail(info.value).upstream_body) == error
+
+
+@pytest.mark.parametrize("body", [b"<html>Bad Gateway</html>", b"[1, 2]", b'{"choices": "nope"}'])
+def test_invalid_upstream_body_is_bad_gateway(stub: Any, fake: FakeUpstream, body: bytes) -> None:
+    fake.reply(200, body)
+    request = REQUEST.decode({"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}]})
+    with pytest.raises(grpc.RpcError) as info:
+        stub.CreateChatCompletion(request, timeout=10)
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    detail = _status_detail(info.value)
+    assert (detail.http_status, detail.code) == (502, "bad_upstream_response")
+
+
+def test_upstream_html_error_page_gets_an_openai_shaped_error(stub: Any, fake: FakeUpstream) -> None:
+    fake.reply(503, b"<html>Service Unavailable</html>")
+    request = REQUEST.decode({"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}]})
+    with pytest.raises(grpc.RpcError) as info:
+        stub.CreateChatCompletion(request, timeout=10)
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "503" in info.value.details()
+    assert _status_detail(info.value).http_status == 503
