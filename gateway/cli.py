@@ -8,6 +8,7 @@ import multiprocessing
 import os
 import signal
 import sys
+import tempfile
 from dataclasses import replace
 
 from . import logs
@@ -89,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _supervise(config: Config, grpc_only: bool) -> int:
     """Run N workers that share the ports (SO_REUSEPORT); stop them all on SIGTERM or SIGINT."""
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # Workers keep metric values in shared files here, so /metrics on any worker shows the sum.
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="llm-gateway-metrics-")
     context = multiprocessing.get_context("spawn")
     workers = [
         context.Process(target=_worker, args=(config, grpc_only), name=f"worker-{i}")
@@ -106,6 +110,10 @@ def _supervise(config: Config, grpc_only: bool) -> int:
     signal.signal(signal.SIGINT, stop)
     for process in workers:
         process.join()
+        if process.pid is not None:
+            from .metrics import mark_worker_dead
+
+            mark_worker_dead(process.pid)
     return max((process.exitcode or 0) for process in workers)
 
 

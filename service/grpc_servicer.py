@@ -2,21 +2,50 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator
 from typing import Any, NoReturn
 
 import grpc
-from llm_gateway.v1 import chat_pb2, chat_pb2_grpc
 
+from gateway import metrics
 from gateway.call import CallInfo
 from gateway.errors import GatewayError
+from llm_gateway.v1 import chat_pb2, chat_pb2_grpc
 
 from .chat import ChatCore
+
+_SERVICE = chat_pb2.DESCRIPTOR.services_by_name["ChatService"]
 
 
 def call_info(context: grpc.aio.ServicerContext[Any, Any]) -> CallInfo:
     metadata = tuple((key, value) for key, value in context.invocation_metadata() or () if isinstance(value, str))
     return CallInfo(metadata=metadata, timeout=context.time_remaining())
+
+
+class _RpcMetrics:
+    """Handled-call counters and the duration histogram of one RPC, bound once."""
+
+    def __init__(self, method: str) -> None:
+        self.method = method
+        self.duration = metrics.GRPC_HANDLING.labels(method)
+        self._handled = {code: metrics.GRPC_HANDLED.labels(method, code.name) for code in grpc.StatusCode}
+
+    def done(self, started: float, code: grpc.StatusCode) -> None:
+        self._handled[code].inc()
+        self.duration.observe(time.perf_counter() - started)
+
+
+_METRICS = {method.name: _RpcMetrics(method.name) for method in _SERVICE.methods}
+
+
+def _code_of(exc: BaseException) -> grpc.StatusCode:
+    if isinstance(exc, GatewayError):
+        return exc.grpc_code
+    if isinstance(exc, asyncio.CancelledError):
+        return grpc.StatusCode.CANCELLED
+    return grpc.StatusCode.UNKNOWN
 
 
 async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: GatewayError) -> NoReturn:
@@ -28,24 +57,38 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
     def __init__(self, core: ChatCore) -> None:
         self._core = core
 
-    async def CreateChatCompletion(
+    async def CreateChatCompletion(  # noqa: N802 - gRPC method names
         self, request: chat_pb2.CreateChatCompletionRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> chat_pb2.ChatCompletion:
+        started, rpc = time.perf_counter(), _METRICS["CreateChatCompletion"]
         try:
-            return await self._core.create_chat_completion(request, call_info(context))
-        except GatewayError as error:
-            await _abort(context, error)
+            response = await self._core.create_chat_completion(request, call_info(context))
+        except BaseException as exc:
+            rpc.done(started, _code_of(exc))
+            if isinstance(exc, GatewayError):
+                await _abort(context, exc)
+            raise
+        rpc.done(started, grpc.StatusCode.OK)
+        return response
 
-    async def StreamChatCompletion(
+    async def StreamChatCompletion(  # noqa: N802
         self, request: chat_pb2.CreateChatCompletionRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[chat_pb2.ChatCompletionChunk]:
+        started, rpc = time.perf_counter(), _METRICS["StreamChatCompletion"]
         try:
             async for chunk in self._core.stream_chat_completion(request, call_info(context)):
                 yield chunk
-        except GatewayError as error:
-            await _abort(context, error)
+        except BaseException as exc:
+            rpc.done(started, _code_of(exc))
+            if isinstance(exc, GatewayError):
+                await _abort(context, exc)
+            raise
+        rpc.done(started, grpc.StatusCode.OK)
 
-    async def ListModels(
+    async def ListModels(  # noqa: N802
         self, request: chat_pb2.ListModelsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> chat_pb2.ListModelsResponse:
-        return await self._core.list_models(request, call_info(context))
+        started = time.perf_counter()
+        response = await self._core.list_models(request, call_info(context))
+        _METRICS["ListModels"].done(started, grpc.StatusCode.OK)
+        return response

@@ -9,6 +9,7 @@ from llm_gateway.v1 import chat_pb2
 from gateway.config import Config, ModelRoute
 from gateway.errors import ModelNotFoundError
 
+from .accounting import RouteMetrics
 from .providers import Provider, build_provider
 
 
@@ -19,7 +20,10 @@ class Router:
             if providers is not None
             else {name: build_provider(spec) for name, spec in config.providers.items()}
         )
-        self._routes = {name: (route, self._providers[route.provider]) for name, route in config.models.items()}
+        self._routes = {
+            name: (route, self._providers[route.provider], RouteMetrics(name, route.provider))
+            for name, route in config.models.items()
+        }
         created = int(time.time())
         # Built once: the list never changes while the process runs.
         self._models = chat_pb2.ListModelsResponse(
@@ -30,7 +34,7 @@ class Router:
             ],
         )
 
-    def route(self, model: str) -> tuple[ModelRoute, Provider]:
+    def route(self, model: str) -> tuple[ModelRoute, Provider, RouteMetrics]:
         found = self._routes.get(model)
         if found is None:
             raise ModelNotFoundError(

@@ -1,0 +1,108 @@
+"""Prometheus metrics, defined once for both layers, and their exposition.
+
+With several worker processes the CLI sets PROMETHEUS_MULTIPROC_DIR before any worker imports this
+module, so prometheus-client keeps every value in shared files and `/metrics` shows the sum over
+all workers.
+
+Labels: `model` is the model name the client asked for when the gateway serves it, else "unknown"
+(so a client cannot blow up the label set); `provider` is the configured provider name, else "none".
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client import multiprocess as _multiprocess
+
+UNKNOWN_MODEL = "unknown"
+NO_PROVIDER = "none"
+
+# LLM latencies span milliseconds (cached, dummy) to minutes (long reasoning completions).
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
+# The gateway's own overhead should be well under a millisecond.
+OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
+
+_LABELS = ("model", "provider")
+
+PROMPT_TOKENS = Counter("llm_gateway_prompt_tokens", "Prompt tokens served, from upstream usage.", _LABELS)
+COMPLETION_TOKENS = Counter(
+    "llm_gateway_completion_tokens", "Completion tokens served, from upstream usage.", _LABELS
+)
+TOTAL_TOKENS = Counter("llm_gateway_total_tokens", "Total tokens served, from upstream usage.", _LABELS)
+
+REQUESTS = Counter(
+    "llm_gateway_requests",
+    "Chat and model requests by outcome: the HTTP status the client got (200, 400, 429, 499, 502, ...).",
+    (*_LABELS, "stream", "outcome"),
+)
+REQUEST_DURATION = Histogram(
+    "llm_gateway_request_duration_seconds",
+    "Time from request to the last byte of the answer.",
+    (*_LABELS, "stream"),
+    buckets=LATENCY_BUCKETS,
+)
+TIME_TO_FIRST_TOKEN = Histogram(
+    "llm_gateway_time_to_first_token_seconds",
+    "Streams: time from request to the first chunk.",
+    _LABELS,
+    buckets=LATENCY_BUCKETS,
+)
+UPSTREAM_DURATION = Histogram(
+    "llm_gateway_upstream_duration_seconds",
+    "Time spent waiting on the upstream provider.",
+    _LABELS,
+    buckets=LATENCY_BUCKETS,
+)
+OVERHEAD = Histogram(
+    "llm_gateway_overhead_seconds",
+    "The gateway's own time: request duration minus time waiting on the upstream and on the client.",
+    _LABELS,
+    buckets=OVERHEAD_BUCKETS,
+)
+IN_FLIGHT = Gauge(
+    "llm_gateway_requests_in_flight",
+    "Chat requests being served.",
+    _LABELS,
+    multiprocess_mode="livesum",
+)
+UPSTREAM_ERRORS = Counter(
+    "llm_gateway_upstream_errors",
+    "Failed upstream calls by error type (timeout, unavailable, bad_response, http_<status>).",
+    ("provider", "type"),
+)
+
+GRPC_HANDLED = Counter(
+    "llm_gateway_grpc_server_handled",
+    "gRPC calls completed on the server, by method and status code.",
+    ("grpc_method", "grpc_code"),
+)
+GRPC_HANDLING = Histogram(
+    "llm_gateway_grpc_server_handling_seconds",
+    "Duration of gRPC calls on the server, by method.",
+    ("grpc_method",),
+    buckets=LATENCY_BUCKETS,
+)
+
+
+def exposition() -> tuple[bytes, str]:
+    """The text for GET /metrics, summed over all workers in multiprocess mode."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        _multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+
+
+def mark_worker_dead(pid: int) -> None:
+    """Drop a finished worker's live gauges (in-flight) from the multiprocess files."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        _multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]

@@ -1,0 +1,174 @@
+"""What a request leaves behind: one access log line, its token counts, its timings.
+
+Each request is counted exactly once, when it ends, whichever way it ends (success, error, client
+cancellation): `RequestRecord.finish` runs in a `finally`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from typing import Any
+
+from prometheus_client.metrics import Counter, Histogram
+
+from gateway import metrics
+from gateway.call import CallInfo
+from gateway.errors import (
+    BadGatewayError,
+    ClientClosedError,
+    GatewayError,
+    InternalError,
+    UpstreamError,
+    UpstreamTimeoutError,
+    UpstreamUnavailableError,
+)
+from gateway.logs import get_logger
+from llm_gateway.v1 import chat_pb2
+
+log = get_logger("service")
+
+
+class RouteMetrics:
+    """The metric children of one (model, provider) pair, bound once: `labels()` is not free."""
+
+    def __init__(self, model: str, provider: str) -> None:
+        self.model = model
+        self.provider = provider
+        labels = (model, provider)
+        self.prompt_tokens = metrics.PROMPT_TOKENS.labels(*labels)
+        self.completion_tokens = metrics.COMPLETION_TOKENS.labels(*labels)
+        self.total_tokens = metrics.TOTAL_TOKENS.labels(*labels)
+        self.duration = {s: metrics.REQUEST_DURATION.labels(*labels, s) for s in ("false", "true")}
+        self.ttft = metrics.TIME_TO_FIRST_TOKEN.labels(*labels)
+        self.upstream = metrics.UPSTREAM_DURATION.labels(*labels)
+        self.overhead = metrics.OVERHEAD.labels(*labels)
+        self.in_flight = metrics.IN_FLIGHT.labels(*labels)
+        self._requests: dict[tuple[str, int], Counter] = {}
+        self._upstream_errors: dict[str, Counter] = {}
+
+    def requests(self, stream: str, outcome: int) -> Counter:
+        child = self._requests.get((stream, outcome))
+        if child is None:
+            child = self._requests[(stream, outcome)] = metrics.REQUESTS.labels(
+                self.model, self.provider, stream, str(outcome)
+            )
+        return child
+
+    def upstream_error(self, kind: str) -> Counter:
+        child = self._upstream_errors.get(kind)
+        if child is None:
+            child = self._upstream_errors[kind] = metrics.UPSTREAM_ERRORS.labels(self.provider, kind)
+        return child
+
+
+UNROUTED = RouteMetrics(metrics.UNKNOWN_MODEL, metrics.NO_PROVIDER)
+
+
+def upstream_error_kind(error: GatewayError) -> str:
+    if isinstance(error, UpstreamError):
+        return f"http_{error.http_status}"
+    if isinstance(error, UpstreamTimeoutError):
+        return "timeout"
+    if isinstance(error, UpstreamUnavailableError):
+        return "unavailable"
+    if isinstance(error, BadGatewayError):
+        return "bad_response"
+    return "other"
+
+
+class RequestRecord:
+    """Timings, usage and outcome of one chat request; logged and counted once by `finish`."""
+
+    __slots__ = (
+        "call",
+        "chunks",
+        "client_wait",
+        "error",
+        "first_chunk",
+        "in_upstream",
+        "metrics",
+        "model",
+        "request_id",
+        "started",
+        "stream",
+        "upstream_wait",
+        "usage",
+    )
+
+    def __init__(self, call: CallInfo, model: str, stream: bool) -> None:
+        self.started = time.perf_counter()
+        self.call = call
+        self.request_id = call.get("x-request-id") or uuid.uuid4().hex
+        self.model = model
+        self.stream = stream
+        self.metrics = UNROUTED
+        self.usage: chat_pb2.Usage | None = None
+        self.error: GatewayError | None = None
+        self.chunks = 0
+        self.upstream_wait = 0.0  # seconds awaiting the provider
+        self.client_wait = 0.0  # seconds suspended while the caller consumed a chunk
+        self.first_chunk = 0.0
+        self.in_upstream = False
+
+    def routed(self, route_metrics: RouteMetrics) -> None:
+        self.metrics = route_metrics
+        route_metrics.in_flight.inc()
+
+    def failed(self, exc: BaseException) -> BaseException:
+        """The error to raise for `exc`: gateway errors as they are, the rest mapped once, here."""
+        if isinstance(exc, GatewayError):
+            self.error = exc
+        elif isinstance(exc, TimeoutError):
+            self.error = UpstreamTimeoutError("The request timed out before the provider answered.")
+        elif isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
+            self.error = ClientClosedError("The client closed the request.")
+            self.in_upstream = False
+            return exc  # cancellation keeps propagating as itself
+        else:
+            log.error("unexpected error", exc_info=True, request_id=self.request_id)
+            self.error = InternalError("The gateway failed to handle the request.")
+            self.in_upstream = False
+        return self.error
+
+    def finish(self) -> None:
+        elapsed = time.perf_counter() - self.started
+        route = self.metrics
+        status = self.error.http_status if self.error else 200
+        stream = "true" if self.stream else "false"
+        route.requests(stream, status).inc()
+        if route is not UNROUTED:
+            route.in_flight.dec()
+            route.duration[stream].observe(elapsed)
+            route.upstream.observe(self.upstream_wait)
+            route.overhead.observe(max(elapsed - self.upstream_wait - self.client_wait, 0.0))
+            if self.first_chunk:
+                route.ttft.observe(self.first_chunk - self.started)
+            if self.error is not None and self.in_upstream:
+                route.upstream_error(upstream_error_kind(self.error)).inc()
+        usage = self.usage
+        if usage is not None:
+            route.prompt_tokens.inc(usage.prompt_tokens)
+            route.completion_tokens.inc(usage.completion_tokens)
+            route.total_tokens.inc(usage.total_tokens)
+
+        attrs: dict[str, Any] = {
+            "request_id": self.request_id,
+            "model": self.model,
+            "provider": route.provider,
+            "stream": self.stream,
+            "status": status,
+            "latency_ms": round(elapsed * 1000, 3),
+            "upstream_ms": round(self.upstream_wait * 1000, 3),
+        }
+        if usage is not None:
+            attrs["prompt_tokens"] = usage.prompt_tokens
+            attrs["completion_tokens"] = usage.completion_tokens
+            attrs["total_tokens"] = usage.total_tokens
+        if self.stream:
+            attrs["chunks"] = self.chunks
+        if self.error is not None:
+            attrs["error_type"] = self.error.type
+            attrs["error"] = self.error.message
+        log.info("chat completion", **attrs)
