@@ -32,6 +32,7 @@ import grpc
 import orjson
 from google.protobuf import any_pb2
 from google.rpc import status_pb2
+
 from llm_gateway.v1 import chat_pb2
 
 STATUS_DETAILS_KEY = "grpc-status-details-bin"

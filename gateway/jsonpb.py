@@ -19,6 +19,7 @@ import orjson
 from google.protobuf import message_factory
 from google.protobuf.descriptor import Descriptor, FieldDescriptor, OneofDescriptor
 from google.protobuf.message import Message
+
 from llm_gateway.v1 import chat_pb2
 
 M = TypeVar("M", bound=Message)

@@ -34,9 +34,7 @@ OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 
 _LABELS = ("model", "provider")
 
 PROMPT_TOKENS = Counter("llm_gateway_prompt_tokens", "Prompt tokens served, from upstream usage.", _LABELS)
-COMPLETION_TOKENS = Counter(
-    "llm_gateway_completion_tokens", "Completion tokens served, from upstream usage.", _LABELS
-)
+COMPLETION_TOKENS = Counter("llm_gateway_completion_tokens", "Completion tokens served, from upstream usage.", _LABELS)
 TOTAL_TOKENS = Counter("llm_gateway_total_tokens", "Total tokens served, from upstream usage.", _LABELS)
 
 REQUESTS = Counter(

@@ -27,7 +27,6 @@ async def serve(config: Config, grpc_only: bool = False, stop: asyncio.Event | N
     try:
         if not srv.grpc_target:
             from llm_gateway.v1 import chat_pb2
-
             from service.chat import ChatCore
             from service.server import SERVICE_NAME, start_grpc_server
 

@@ -11,7 +11,7 @@ import time
 import uuid
 from typing import Any
 
-from prometheus_client.metrics import Counter, Histogram
+from prometheus_client.metrics import Counter
 
 from gateway import metrics
 from gateway.call import CallInfo

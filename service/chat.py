@@ -96,9 +96,7 @@ class ChatCore:
         finally:
             record.finish()
 
-    async def list_models(
-        self, request: chat_pb2.ListModelsRequest, call: CallInfo
-    ) -> chat_pb2.ListModelsResponse:
+    async def list_models(self, request: chat_pb2.ListModelsRequest, call: CallInfo) -> chat_pb2.ListModelsResponse:
         return self.router.list_models()
 
     async def close(self) -> None:

@@ -57,7 +57,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
     def __init__(self, core: ChatCore) -> None:
         self._core = core
 
-    async def CreateChatCompletion(  # noqa: N802 - gRPC method names
+    async def CreateChatCompletion(
         self, request: chat_pb2.CreateChatCompletionRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> chat_pb2.ChatCompletion:
         started, rpc = time.perf_counter(), _METRICS["CreateChatCompletion"]
@@ -71,7 +71,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         rpc.done(started, grpc.StatusCode.OK)
         return response
 
-    async def StreamChatCompletion(  # noqa: N802
+    async def StreamChatCompletion(
         self, request: chat_pb2.CreateChatCompletionRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[chat_pb2.ChatCompletionChunk]:
         started, rpc = time.perf_counter(), _METRICS["StreamChatCompletion"]
@@ -85,7 +85,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             raise
         rpc.done(started, grpc.StatusCode.OK)
 
-    async def ListModels(  # noqa: N802
+    async def ListModels(
         self, request: chat_pb2.ListModelsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> chat_pb2.ListModelsResponse:
         started = time.perf_counter()

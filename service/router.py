@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import time
 
-from llm_gateway.v1 import chat_pb2
-
 from gateway.config import Config, ModelRoute
 from gateway.errors import ModelNotFoundError
+from llm_gateway.v1 import chat_pb2
 
 from .accounting import RouteMetrics
 from .providers import Provider, build_provider

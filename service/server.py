@@ -6,6 +6,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
+
 from llm_gateway.v1 import chat_pb2, chat_pb2_grpc
 
 from .chat import ChatCore

@@ -13,9 +13,7 @@ import gen_proto  # noqa: E402
 
 
 def _files(folder: Path) -> dict[str, Path]:
-    return {
-        str(p.relative_to(folder)): p for p in folder.rglob("*") if p.is_file() and "__pycache__" not in p.parts
-    }
+    return {str(p.relative_to(folder)): p for p in folder.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
 
 
 def test_gen_matches_proto(tmp_path: Path) -> None:

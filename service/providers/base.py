@@ -5,9 +5,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Protocol
 
-from llm_gateway.v1 import chat_pb2
-
 from gateway.call import CallInfo
+from llm_gateway.v1 import chat_pb2
 
 
 class Provider(Protocol):

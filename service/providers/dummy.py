@@ -11,10 +11,9 @@ import itertools
 import time
 from collections.abc import AsyncIterator
 
-from llm_gateway.v1 import chat_pb2
-
 from gateway.call import CallInfo
 from gateway.config import ProviderConfig
+from llm_gateway.v1 import chat_pb2
 
 _ids = itertools.count(1)
 

@@ -12,7 +12,6 @@ from typing import Any
 
 import aiohttp
 import orjson
-from llm_gateway.v1 import chat_pb2
 
 from gateway.call import CallInfo
 from gateway.config import ProviderConfig
@@ -24,6 +23,7 @@ from gateway.errors import (
     UpstreamUnavailableError,
 )
 from gateway.jsonpb import JsonMappingError, MessageCodec
+from llm_gateway.v1 import chat_pb2
 
 _REQUEST = MessageCodec.for_type(chat_pb2.CreateChatCompletionRequest)
 _COMPLETION = MessageCodec.for_type(chat_pb2.ChatCompletion)

@@ -10,7 +10,11 @@ SEED = {
     "server": {"port": 8080},
     "logging": {"level": "INFO"},
     "providers": {
-        "openai": {"api_key": "${OPENAI_API_KEY}", "api_url": "https://api.openai.com/v1", "is_openai_compatible": True},
+        "openai": {
+            "api_key": "${OPENAI_API_KEY}",
+            "api_url": "https://api.openai.com/v1",
+            "is_openai_compatible": True,
+        },
         "gemini": {
             "api_key": "${GEMINI_API_KEY}",
             "api_url": "https://generativelanguage.googleapis.com",

@@ -15,10 +15,10 @@ import pytest
 from google.rpc import status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from llm_gateway.v1 import chat_pb2, chat_pb2_grpc
 
 from gateway.errors import STATUS_DETAILS_KEY
 from gateway.jsonpb import MessageCodec
+from llm_gateway.v1 import chat_pb2, chat_pb2_grpc
 from tests.fakes.upstream import FakeUpstream, chunks, completion
 from tests.harness import GatewayProcess, free_port
 
