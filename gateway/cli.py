@@ -49,9 +49,14 @@ def _worker(config: Config, grpc_only: bool) -> None:
     logs.configure(config.log_level)
     for provider in config.providers.values():
         logs.add_secret(provider.api_key)
+    from . import tracing
     from .runner import serve
 
-    asyncio.run(serve(config, grpc_only=grpc_only))
+    tracing.configure()
+    try:
+        asyncio.run(serve(config, grpc_only=grpc_only))
+    finally:
+        tracing.shutdown()
 
 
 def main(argv: list[str] | None = None) -> int:

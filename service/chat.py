@@ -10,6 +10,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 
+from gateway import tracing
 from gateway.call import CallInfo
 from gateway.config import Config
 from gateway.errors import InvalidRequestError
@@ -17,6 +18,7 @@ from llm_gateway.v1 import chat_pb2
 
 from .accounting import RequestRecord
 from .router import Router
+from .spans import RequestSpans
 
 
 class ChatCore:
@@ -29,10 +31,14 @@ class ChatCore:
         self, request: chat_pb2.CreateChatCompletionRequest, call: CallInfo
     ) -> chat_pb2.ChatCompletion:
         record = RequestRecord(call, request.model, stream=False)
+        spans = RequestSpans(tracing.TRACER, "CreateChatCompletion", request, call) if tracing.TRACER else None
+        response = None
         try:
             _validate(request)
             route, provider, route_metrics = self.router.route(request.model)
             record.routed(route_metrics)
+            if spans is not None and provider.url:
+                call = spans.upstream(route, provider.type, provider.url, call)
             record.in_upstream = True
             sent = time.perf_counter()
             try:
@@ -48,15 +54,22 @@ class ChatCore:
             raise record.failed(exc) from None
         finally:
             record.finish()
+            if spans is not None:
+                reasons = tuple(c.finish_reason for c in response.choices) if response is not None else ()
+                spans.finish(record, response.model if response is not None else "", reasons)
 
     async def stream_chat_completion(
         self, request: chat_pb2.CreateChatCompletionRequest, call: CallInfo
     ) -> AsyncIterator[chat_pb2.ChatCompletionChunk]:
         record = RequestRecord(call, request.model, stream=True)
+        spans = RequestSpans(tracing.TRACER, "StreamChatCompletion", request, call) if tracing.TRACER else None
+        response_model, reasons = "", list[str]()
         try:
             _validate(request)
             route, provider, route_metrics = self.router.route(request.model)
             record.routed(route_metrics)
+            if spans is not None and provider.url:
+                call = spans.upstream(route, provider.type, provider.url, call)
             wants_usage = request.stream_options.include_usage
             deadline = asyncio.get_running_loop().time() + (call.timeout or self._default_timeout)
             chunks = aiter(provider.stream(request, route.upstream_model, call))
@@ -77,6 +90,9 @@ class ChatCore:
                     record.in_upstream = False
                     if not record.first_chunk:
                         record.first_chunk = now
+                    if spans is not None:
+                        response_model = response_model or chunk.model
+                        reasons.extend(c.finish_reason for c in chunk.choices if c.HasField("finish_reason"))
                     if chunk.HasField("usage"):
                         record.usage = chunk.usage
                         if not wants_usage:
@@ -95,6 +111,8 @@ class ChatCore:
             raise record.failed(exc) from None
         finally:
             record.finish()
+            if spans is not None:
+                spans.finish(record, response_model, tuple(reasons))
 
     async def list_models(self, request: chat_pb2.ListModelsRequest, call: CallInfo) -> chat_pb2.ListModelsResponse:
         return self.router.list_models()

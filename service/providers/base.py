@@ -11,6 +11,9 @@ from llm_gateway.v1 import chat_pb2
 
 class Provider(Protocol):
     name: str
+    type: str
+    # The upstream chat URL; empty for providers that make no HTTP call.
+    url: str
 
     async def complete(
         self, request: chat_pb2.CreateChatCompletionRequest, upstream_model: str, call: CallInfo

@@ -43,6 +43,8 @@ def reply_words(request: chat_pb2.CreateChatCompletionRequest) -> list[str]:
 class DummyProvider:
     def __init__(self, config: ProviderConfig) -> None:
         self.name = config.name
+        self.type = config.type
+        self.url = ""
         self._latency = config.latency_ms / 1000.0
 
     def _plan(

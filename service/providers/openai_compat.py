@@ -49,6 +49,7 @@ def chat_url(config: ProviderConfig) -> str:
 class OpenAICompatibleProvider:
     def __init__(self, config: ProviderConfig) -> None:
         self.name = config.name
+        self.type = config.type
         self.url = chat_url(config)
         self._config = config
         self._headers = {"content-type": "application/json", "accept": "application/json", **config.headers}
