@@ -41,6 +41,7 @@ ENV_OVERRIDES = {
     "GRPC_TARGET": ("server", "grpc_target"),
     "WORKERS": ("server", "workers"),
     "REQUEST_TIMEOUT": ("server", "request_timeout"),
+    "DRAIN_CANCELLED_STREAMS": ("server", "drain_cancelled_streams"),
     "LOG_LEVEL": ("logging", "level"),
 }
 
@@ -62,6 +63,9 @@ class ServerConfig:
     # Seconds; the overall deadline of a request when the client sets none.
     request_timeout: float = 600.0
     max_body_bytes: int = 4 * 1024 * 1024
+    # On a client disconnect mid-stream, keep reading the upstream (within the deadline) for its final
+    # usage, so token metrics are exact; off, the upstream request is closed at once.
+    drain_cancelled_streams: bool = False
 
 
 @dataclass(frozen=True)
@@ -175,6 +179,7 @@ def _server(spec: dict[str, Any]) -> ServerConfig:
         grpc_target=target,
         workers=_number(spec.get("workers", defaults.workers), "server.workers", int, minimum=1),
         request_timeout=_number(spec.get("request_timeout", defaults.request_timeout), "server.request_timeout"),
+        drain_cancelled_streams=_flag(spec.get("drain_cancelled_streams", False), "server.drain_cancelled_streams"),
         max_body_bytes=_number(
             spec.get("max_body_bytes", defaults.max_body_bytes), "server.max_body_bytes", int, minimum=1
         ),
@@ -237,6 +242,14 @@ def _route(name: str, spec: Any, providers: Mapping[str, ProviderConfig]) -> Mod
     if provider not in providers:
         raise ConfigError(f"{where}: unknown provider {provider!r} (known: {', '.join(sorted(providers))})")
     return ModelRoute(name=name, provider=provider, upstream_model=str(upstream))
+
+
+def _flag(value: Any, where: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+        return value.lower() in ("true", "1", "yes")
+    raise ConfigError(f"{where}: {value!r} is not true or false")
 
 
 def _port(value: Any, where: str) -> int:

@@ -26,6 +26,8 @@ class ChatCore:
         self.config = config
         self.router = router or Router(config)
         self._default_timeout = config.server.request_timeout
+        self._drain = config.server.drain_cancelled_streams
+        self._draining: set[asyncio.Task[None]] = set()
 
     async def create_chat_completion(
         self, request: chat_pb2.CreateChatCompletionRequest, call: CallInfo
@@ -64,6 +66,7 @@ class ChatCore:
         record = RequestRecord(call, request.model, stream=True)
         spans = RequestSpans(tracing.TRACER, "StreamChatCompletion", request, call) if tracing.TRACER else None
         response_model, reasons = "", list[str]()
+        handed_off = False
         try:
             _validate(request)
             route, provider, route_metrics = self.router.route(request.model)
@@ -73,6 +76,9 @@ class ChatCore:
             wants_usage = request.stream_options.include_usage
             deadline = asyncio.get_running_loop().time() + (call.timeout or self._default_timeout)
             chunks = aiter(provider.stream(request, route.upstream_model, call))
+            if self._drain:
+                # The upstream is read in a task of its own, so a client that goes away cancels only us.
+                chunks = _Pump(chunks)
             clock = time.perf_counter
             try:
                 while True:
@@ -104,21 +110,87 @@ class ChatCore:
                     record.chunks += 1
                     yield chunk
                     record.client_wait += clock() - now
+            except (asyncio.CancelledError, GeneratorExit):
+                if isinstance(chunks, _Pump) and record.usage is None:
+                    handed_off = True
+                    task = asyncio.get_running_loop().create_task(self._drain_usage(chunks, record, spans, deadline))
+                    self._draining.add(task)
+                    task.add_done_callback(self._draining.discard)
+                raise
             finally:
                 record.in_upstream = False
-                await chunks.aclose()  # type: ignore[attr-defined]
+                if not handed_off:
+                    await chunks.aclose()  # type: ignore[attr-defined]
         except BaseException as exc:
             raise record.failed(exc) from None
         finally:
+            if not handed_off:
+                record.finish()
+                if spans is not None:
+                    spans.finish(record, response_model, tuple(reasons))
+
+    async def _drain_usage(
+        self, chunks: _Pump, record: RequestRecord, spans: RequestSpans | None, deadline: float
+    ) -> None:
+        """Read a stream its client left until the provider's final usage, so it is counted exactly."""
+        try:
+            async with asyncio.timeout_at(deadline):
+                async for chunk in chunks:
+                    if chunk.HasField("usage"):
+                        record.usage = chunk.usage
+                        break
+        except Exception:
+            pass
+        finally:
+            await chunks.aclose()
             record.finish()
             if spans is not None:
-                spans.finish(record, response_model, tuple(reasons))
+                spans.finish(record)
 
     async def list_models(self, request: chat_pb2.ListModelsRequest, call: CallInfo) -> chat_pb2.ListModelsResponse:
         return self.router.list_models()
 
     async def close(self) -> None:
+        for task in list(self._draining):
+            task.cancel()
+        await asyncio.gather(*self._draining, return_exceptions=True)
         await self.router.close()
+
+
+class _Pump:
+    """An async iterator read ahead by its own task through a small queue."""
+
+    _END = object()
+
+    def __init__(self, source: AsyncIterator[chat_pb2.ChatCompletionChunk]) -> None:
+        self._source = source
+        self._queue: asyncio.Queue[object] = asyncio.Queue(maxsize=8)
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        try:
+            async for item in self._source:
+                await self._queue.put(item)
+            await self._queue.put(self._END)
+        except Exception as exc:  # handed to the reader, raised there
+            await self._queue.put(exc)
+        finally:
+            await self._source.aclose()  # type: ignore[attr-defined]
+
+    def __aiter__(self) -> _Pump:
+        return self
+
+    async def __anext__(self) -> chat_pb2.ChatCompletionChunk:
+        item = await self._queue.get()
+        if item is self._END:
+            raise StopAsyncIteration
+        if isinstance(item, BaseException):
+            raise item
+        return item  # type: ignore[return-value]
+
+    async def aclose(self) -> None:
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
 
 
 def _validate(request: chat_pb2.CreateChatCompletionRequest) -> None:

@@ -419,3 +419,23 @@ def test_upstream_html_error_page_gets_an_openai_shaped_error(stub: Any, fake: F
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE
     assert "503" in info.value.details()
     assert _status_detail(info.value).http_status == 503
+
+
+def test_drained_cancelled_stream_counts_the_final_usage(upstream: FakeUpstream, gateway_factory: Any) -> None:
+    upstream.stream(chunks(), delay=0.05)
+    config = {
+        "server": {"drain_cancelled_streams": True},
+        "providers": {"openai": {"api_key": "k", "api_url": f"{upstream.url}/v1"}},
+        "models": {"gpt-4o": "openai"},
+    }
+    gateway = gateway_factory(config, args=("--grpc-only",))
+    request = REQUEST.decode({"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}], "stream": True})
+    with gateway.channel() as channel:
+        call = chat_pb2_grpc.ChatServiceStub(channel).StreamChatCompletion(
+            request, metadata=(("x-request-id", "drained-1"),), timeout=30
+        )
+        next(call)
+        call.cancel()
+    line = gateway.wait_log(lambda entry: entry.get("request_id") == "drained-1")
+    assert line["status"] == 499
+    assert (line["prompt_tokens"], line["completion_tokens"], line["total_tokens"]) == (9, 3, 12)
