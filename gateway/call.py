@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from google.protobuf.message import Message
@@ -17,6 +17,10 @@ class CallInfo:
     metadata: Metadata = ()
     # Seconds left before the caller gives up; None means the gateway's configured request timeout.
     timeout: float | None = None
+    # Filled by the service before its first response message: what answered (x-llm-gateway-model,
+    # x-llm-gateway-deployment, x-llm-gateway-attempts). The REST facade sends them as headers, the
+    # gRPC servicer as initial metadata.
+    response_metadata: dict[str, str] = field(default_factory=dict)
 
     def get(self, key: str, default: str = "") -> str:
         for k, v in self.metadata:

@@ -83,10 +83,59 @@ class ProviderConfig:
 
 
 @dataclass(frozen=True)
-class ModelRoute:
+class Timeouts:
+    """Per-deployment limits in seconds, all inside the client's overall deadline; None: no limit of
+    its own (connect then falls back to the provider's connect_timeout)."""
+
+    connect: float | None = None
+    # Until the response headers (unary) or the first stream chunk.
+    first_token: float | None = None
+    total: float | None = None
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """One place a model is served: a provider, the model name there, a weight, its timeouts."""
+
     name: str
     provider: str
     upstream_model: str
+    weight: float = 1.0
+    timeouts: Timeouts = field(default_factory=Timeouts)
+
+
+LOAD_BALANCING = ("weighted", "least_inflight")
+
+
+@dataclass(frozen=True)
+class ModelRoute:
+    name: str
+    deployments: tuple[Deployment, ...]
+    load_balancing: str = "weighted"
+    # Other model names to try, in order, when every deployment of this one failed retryably.
+    fallback: tuple[str, ...] = ()
+
+    @property
+    def provider(self) -> str:
+        return self.deployments[0].provider
+
+    @property
+    def upstream_model(self) -> str:
+        return self.deployments[0].upstream_model
+
+
+@dataclass(frozen=True)
+class RoutingConfig:
+    # Attempts after the first, across a model's deployments, before its fallbacks.
+    retries: int = 2
+    # Exponential backoff with full jitter: a random wait up to min(max, initial * 2**attempt).
+    backoff_initial: float = 0.25
+    backoff_max: float = 8.0
+    # A deployment failing `cooldown_failures` times within `cooldown_window` seconds is skipped for
+    # `cooldown_seconds`, then gets one trial request.
+    cooldown_failures: int = 3
+    cooldown_window: float = 60.0
+    cooldown_seconds: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -95,6 +144,7 @@ class Config:
     log_level: str = "INFO"
     providers: Mapping[str, ProviderConfig] = field(default_factory=dict)
     models: Mapping[str, ModelRoute] = field(default_factory=dict)
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
     source: str = "<built-in default>"
 
 
@@ -138,9 +188,14 @@ def parse(data: Any, environ: Mapping[str, str], source: str = "<built-in defaul
         raise ConfigError(f"logging.level: {level!r} is not one of {', '.join(LOG_LEVELS[:-1])}")
     providers = {name: _provider(name, spec) for name, spec in _section(data, "providers").items()}
     providers.setdefault(DUMMY, ProviderConfig(name=DUMMY, type=DUMMY))
-    models = {name: _route(name, spec, providers) for name, spec in _section(data, "models").items()}
-    models.setdefault(DUMMY, ModelRoute(name=DUMMY, provider=DUMMY, upstream_model=DUMMY))
-    return Config(server=server, log_level=level, providers=providers, models=models, source=source)
+    models = {str(name): _route(str(name), spec, providers) for name, spec in _section(data, "models").items()}
+    models.setdefault(DUMMY, ModelRoute(name=DUMMY, deployments=(Deployment(DUMMY, DUMMY, DUMMY),)))
+    for route in models.values():
+        for other in route.fallback:
+            if other not in models or other == route.name:
+                raise ConfigError(f"models.{route.name}.fallback: {other!r} is not another configured model")
+    routing = _routing(_section(data, "routing"))
+    return Config(server=server, log_level=level, providers=providers, models=models, routing=routing, source=source)
 
 
 def _expand(value: Any, environ: Mapping[str, str]) -> Any:
@@ -228,20 +283,84 @@ def _provider(name: str, spec: Any) -> ProviderConfig:
 
 
 def _route(name: str, spec: Any, providers: Mapping[str, ProviderConfig]) -> ModelRoute:
+    """`provider`, or {provider, model, ...}, or {deployments: [...], load_balancing, fallback}."""
     where = f"models.{name}"
-    provider: Any
-    if isinstance(spec, str):
-        provider, upstream = spec, name
+    deployments: tuple[Deployment, ...]
+    if isinstance(spec, str) or (isinstance(spec, dict) and "deployments" not in spec):
+        deployments = (_deployment(f"{where}", name, spec, providers),)
+        spec = spec if isinstance(spec, dict) else {}
     elif isinstance(spec, dict):
-        provider = spec.get("provider")
-        upstream = spec.get("model") or name
-        if not isinstance(provider, str):
-            raise ConfigError(f"{where}.provider: required, the name of a provider")
+        items = spec["deployments"]
+        if not isinstance(items, list) or not items:
+            raise ConfigError(f"{where}.deployments: must be a non-empty list")
+        deployments = tuple(
+            _deployment(f"{where}.deployments[{i}]", name, item, providers) for i, item in enumerate(items)
+        )
+        names = [d.name for d in deployments]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"{where}.deployments: names must be unique (set `name` on each)")
     else:
-        raise ConfigError(f"{where}: must be a provider name or {{provider, model}}")
+        raise ConfigError(f"{where}: must be a provider name, {{provider, model}} or {{deployments: [...]}}")
+    strategy = str(spec.get("load_balancing", "weighted"))
+    if strategy not in LOAD_BALANCING:
+        raise ConfigError(f"{where}.load_balancing: {strategy!r} is not one of {', '.join(LOAD_BALANCING)}")
+    fallback = spec.get("fallback") or []
+    if isinstance(fallback, str):
+        fallback = [fallback]
+    if not isinstance(fallback, list):
+        raise ConfigError(f"{where}.fallback: must be a list of model names")
+    return ModelRoute(
+        name=name, deployments=deployments, load_balancing=strategy, fallback=tuple(str(f) for f in fallback)
+    )
+
+
+def _deployment(where: str, model: str, spec: Any, providers: Mapping[str, ProviderConfig]) -> Deployment:
+    if isinstance(spec, str):
+        spec = {"provider": spec}
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{where}: must be a provider name or {{provider, model, weight, timeouts}}")
+    provider = spec.get("provider")
+    if not isinstance(provider, str):
+        raise ConfigError(f"{where}.provider: required, the name of a provider")
     if provider not in providers:
         raise ConfigError(f"{where}: unknown provider {provider!r} (known: {', '.join(sorted(providers))})")
-    return ModelRoute(name=name, provider=provider, upstream_model=str(upstream))
+    upstream = str(spec.get("model") or model)
+    timeouts = spec.get("timeouts") or {}
+    if not isinstance(timeouts, dict):
+        raise ConfigError(f"{where}.timeouts: must be a mapping of connect, first_token, total")
+    for key in timeouts:
+        if key not in ("connect", "first_token", "total"):
+            raise ConfigError(f"{where}.timeouts.{key}: unknown key (known: connect, first_token, total)")
+
+    def seconds(key: str) -> float | None:
+        value = timeouts.get(key)
+        return None if value is None else float(_number(value, f"{where}.timeouts.{key}", minimum=0.001))
+
+    return Deployment(
+        name=str(spec.get("name") or f"{provider}/{upstream}"),
+        provider=provider,
+        upstream_model=upstream,
+        weight=_number(spec.get("weight", 1), f"{where}.weight", minimum=0),
+        timeouts=Timeouts(connect=seconds("connect"), first_token=seconds("first_token"), total=seconds("total")),
+    )
+
+
+def _routing(spec: dict[str, Any]) -> RoutingConfig:
+    defaults = RoutingConfig()
+    known = set(RoutingConfig.__dataclass_fields__)
+    for key in spec:
+        if key not in known:
+            raise ConfigError(f"routing.{key}: unknown key (known: {', '.join(sorted(known))})")
+    return RoutingConfig(
+        retries=_number(spec.get("retries", defaults.retries), "routing.retries", int),
+        backoff_initial=_number(spec.get("backoff_initial", defaults.backoff_initial), "routing.backoff_initial"),
+        backoff_max=_number(spec.get("backoff_max", defaults.backoff_max), "routing.backoff_max"),
+        cooldown_failures=_number(
+            spec.get("cooldown_failures", defaults.cooldown_failures), "routing.cooldown_failures", int, minimum=1
+        ),
+        cooldown_window=_number(spec.get("cooldown_window", defaults.cooldown_window), "routing.cooldown_window"),
+        cooldown_seconds=_number(spec.get("cooldown_seconds", defaults.cooldown_seconds), "routing.cooldown_seconds"),
+    )
 
 
 def _flag(value: Any, where: str) -> bool:

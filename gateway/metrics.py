@@ -104,3 +104,21 @@ def mark_worker_dead(pid: int) -> None:
     """Drop a finished worker's live gauges (in-flight) from the multiprocess files."""
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         _multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
+
+
+DEPLOYMENT_STATE = Gauge(
+    "llm_gateway_deployment_state",
+    "Deployment health in this worker: 0 healthy, 1 cooling down, 2 on trial.",
+    ("model", "deployment"),
+    multiprocess_mode="livemax",
+)
+RETRIES = Counter(
+    "llm_gateway_retries",
+    "Attempts after a retryable failure, by the model asked for and the deployment retried on.",
+    ("model", "deployment"),
+)
+FALLBACKS = Counter(
+    "llm_gateway_fallbacks",
+    "Requests handed to a fallback model after every deployment of the model asked for failed.",
+    ("model", "fallback"),
+)

@@ -82,15 +82,18 @@ class RequestRecord:
     """Timings, usage and outcome of one chat request; logged and counted once by `finish`."""
 
     __slots__ = (
+        "attempts",
         "call",
         "chunks",
         "client_wait",
+        "deployment",
         "error",
         "first_chunk",
         "in_upstream",
         "metrics",
         "model",
         "request_id",
+        "served_by",
         "started",
         "stream",
         "upstream_wait",
@@ -111,10 +114,14 @@ class RequestRecord:
         self.client_wait = 0.0  # seconds suspended while the caller consumed a chunk
         self.first_chunk = 0.0
         self.in_upstream = False
+        self.attempts = 0
+        self.served_by = ""  # the configured model that answered: the one asked for, or a fallback
+        self.deployment = ""
 
-    def routed(self, route_metrics: RouteMetrics) -> None:
-        self.metrics = route_metrics
-        route_metrics.in_flight.inc()
+    def upstream_failed(self, error: GatewayError) -> None:
+        """Count one failed upstream attempt against the deployment's provider."""
+        self.metrics.upstream_error(upstream_error_kind(error)).inc()
+        self.in_upstream = False
 
     def failed(self, exc: BaseException) -> BaseException:
         """The error to raise for `exc`: gateway errors as they are, the rest mapped once, here."""
@@ -139,13 +146,12 @@ class RequestRecord:
         stream = "true" if self.stream else "false"
         route.requests(stream, status).inc()
         if route is not UNROUTED:
-            route.in_flight.dec()
             route.duration[stream].observe(elapsed)
             route.upstream.observe(self.upstream_wait)
             route.overhead.observe(max(elapsed - self.upstream_wait - self.client_wait, 0.0))
             if self.first_chunk:
                 route.ttft.observe(self.first_chunk - self.started)
-            if self.error is not None and self.in_upstream:
+            if self.error is not None and self.in_upstream:  # the deadline ran out while waiting upstream
                 route.upstream_error(upstream_error_kind(self.error)).inc()
         usage = self.usage
         if usage is not None:
@@ -168,6 +174,11 @@ class RequestRecord:
             attrs["total_tokens"] = usage.total_tokens
         if self.stream:
             attrs["chunks"] = self.chunks
+        if self.attempts:
+            attrs["attempts"] = self.attempts
+            attrs["deployment"] = self.deployment
+            if self.served_by != self.model:
+                attrs["served_by"] = self.served_by
         if self.error is not None:
             attrs["error_type"] = self.error.type
             attrs["error"] = self.error.message

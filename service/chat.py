@@ -1,7 +1,15 @@
-"""The chat service itself, free of any transport: routing, deadlines, usage capture, accounting.
+"""The chat service itself, free of any transport: routing, retries and fallbacks, deadlines, usage
+capture, accounting.
 
 The gRPC servicer and the in-process REST path both call this. Its public coroutine names are the
 snake_case names of the ChatService RPCs, so a transport can dispatch to it by method name.
+
+Deadlines: the caller's deadline (or the configured request timeout) bounds the whole request,
+retries and backoff included; each deployment's own timeouts sit inside it.
+
+Streams: an attempt that fails before its first chunk may be retried or fall back. Once a chunk has
+been handed to the caller the stream is committed to that deployment: a later failure ends it with
+an error and never splices another model's tokens into it.
 """
 
 from __future__ import annotations
@@ -10,15 +18,18 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 
-from gateway import tracing
+from gateway import metrics, tracing
 from gateway.call import CallInfo
 from gateway.config import Config
-from gateway.errors import InvalidRequestError
+from gateway.errors import GatewayError, InvalidRequestError, UpstreamUnavailableError
 from llm_gateway.v1 import chat_pb2
 
 from .accounting import RequestRecord
+from .retry import Attempt, AttemptPlan, retryable
 from .router import Router
 from .spans import RequestSpans
+
+Chunks = AsyncIterator[chat_pb2.ChatCompletionChunk]
 
 
 class ChatCore:
@@ -28,6 +39,13 @@ class ChatCore:
         self._default_timeout = config.server.request_timeout
         self._drain = config.server.drain_cancelled_streams
         self._draining: set[asyncio.Task[None]] = set()
+        self._fallbacks = {
+            (name, other): metrics.FALLBACKS.labels(name, other)
+            for name, route in config.models.items()
+            for other in route.fallback
+        }
+
+    # ------------------------------------------------------------------ unary
 
     async def create_chat_completion(
         self, request: chat_pb2.CreateChatCompletionRequest, call: CallInfo
@@ -37,18 +55,10 @@ class ChatCore:
         response = None
         try:
             _validate(request)
-            route, provider, route_metrics = self.router.route(request.model)
-            record.routed(route_metrics)
-            if spans is not None and provider.url:
-                call = spans.upstream(route, provider.type, provider.url, call)
-            record.in_upstream = True
-            sent = time.perf_counter()
-            try:
-                async with asyncio.timeout(call.timeout or self._default_timeout):
-                    response = await provider.complete(request, route.upstream_model, call)
-            finally:
-                record.upstream_wait = time.perf_counter() - sent
-            record.in_upstream = False
+            timeout = call.timeout or self._default_timeout
+            plan = self.router.plan(request.model, time.monotonic() + timeout)
+            async with asyncio.timeout(timeout):
+                response = await self._complete(plan, request, call, record, spans)
             if response.HasField("usage"):
                 record.usage = response.usage
             return response
@@ -60,40 +70,59 @@ class ChatCore:
                 reasons = tuple(c.finish_reason for c in response.choices) if response is not None else ()
                 spans.finish(record, response.model if response is not None else "", reasons)
 
-    async def stream_chat_completion(
-        self, request: chat_pb2.CreateChatCompletionRequest, call: CallInfo
-    ) -> AsyncIterator[chat_pb2.ChatCompletionChunk]:
+    async def _complete(
+        self,
+        plan: AttemptPlan,
+        request: chat_pb2.CreateChatCompletionRequest,
+        call: CallInfo,
+        record: RequestRecord,
+        spans: RequestSpans | None,
+    ) -> chat_pb2.ChatCompletion:
+        error: GatewayError | None = None
+        while (attempt := plan.next(error)) is not None:
+            upstream_call = await self._begin(attempt, request, call, record, spans)
+            state, deployment = attempt.state, attempt.state.deployment
+            sent = time.perf_counter()
+            try:
+                response = await state.provider.complete(
+                    request, deployment.upstream_model, upstream_call, deployment.timeouts
+                )
+            except GatewayError as exc:
+                error = exc
+                self._attempt_failed(attempt, exc, record, spans)
+                continue
+            except BaseException:
+                state.abandoned()
+                raise
+            finally:
+                record.upstream_wait += time.perf_counter() - sent
+                record.metrics.in_flight.dec()
+            state.succeeded()
+            record.in_upstream = False
+            self._answered(attempt, call)
+            return response
+        raise self._exhausted(plan, error)
+
+    # ------------------------------------------------------------------ streaming
+
+    async def stream_chat_completion(self, request: chat_pb2.CreateChatCompletionRequest, call: CallInfo) -> Chunks:
         record = RequestRecord(call, request.model, stream=True)
         spans = RequestSpans(tracing.TRACER, "StreamChatCompletion", request, call) if tracing.TRACER else None
         response_model, reasons = "", list[str]()
         handed_off = False
         try:
             _validate(request)
-            route, provider, route_metrics = self.router.route(request.model)
-            record.routed(route_metrics)
-            if spans is not None and provider.url:
-                call = spans.upstream(route, provider.type, provider.url, call)
+            timeout = call.timeout or self._default_timeout
+            plan = self.router.plan(request.model, time.monotonic() + timeout)
+            deadline = asyncio.get_running_loop().time() + timeout
             wants_usage = request.stream_options.include_usage
-            deadline = asyncio.get_running_loop().time() + (call.timeout or self._default_timeout)
-            chunks = aiter(provider.stream(request, route.upstream_model, call))
-            if self._drain:
-                # The upstream is read in a task of its own, so a client that goes away cancels only us.
-                chunks = _Pump(chunks)
+            attempt, chunks, first = await self._open_stream(plan, request, call, record, spans, deadline)
+            state = attempt.state
             clock = time.perf_counter
+            chunk = first
             try:
-                while True:
-                    record.in_upstream = True
-                    waited = clock()
-                    # The deadline covers the whole stream, checked while waiting for each chunk.
-                    try:
-                        async with asyncio.timeout_at(deadline):
-                            chunk = await anext(chunks)
-                    except StopAsyncIteration:
-                        break
-                    finally:
-                        now = clock()
-                        record.upstream_wait += now - waited
-                    record.in_upstream = False
+                while chunk is not None:
+                    now = clock()
                     if not record.first_chunk:
                         record.first_chunk = now
                     if spans is not None:
@@ -103,6 +132,7 @@ class ChatCore:
                         record.usage = chunk.usage
                         if not wants_usage:
                             if not chunk.choices:
+                                chunk = await self._next_chunk(chunks, record, deadline)
                                 continue  # the usage-only chunk the client did not ask for
                             chunk.ClearField("usage")
                     if not wants_usage and "usage" in chunk.extra:
@@ -110,15 +140,23 @@ class ChatCore:
                     record.chunks += 1
                     yield chunk
                     record.client_wait += clock() - now
+                    chunk = await self._next_chunk(chunks, record, deadline)
+            except GatewayError as exc:
+                state.failed(time.monotonic(), counts=retryable(exc))
+                record.upstream_failed(exc)
+                raise
             except (asyncio.CancelledError, GeneratorExit):
+                state.abandoned()
                 if isinstance(chunks, _Pump) and record.usage is None:
                     handed_off = True
                     task = asyncio.get_running_loop().create_task(self._drain_usage(chunks, record, spans, deadline))
                     self._draining.add(task)
                     task.add_done_callback(self._draining.discard)
                 raise
+            else:
+                state.succeeded()
             finally:
-                record.in_upstream = False
+                record.metrics.in_flight.dec()
                 if not handed_off:
                     await chunks.aclose()  # type: ignore[attr-defined]
         except BaseException as exc:
@@ -128,6 +166,57 @@ class ChatCore:
                 record.finish()
                 if spans is not None:
                     spans.finish(record, response_model, tuple(reasons))
+
+    async def _open_stream(
+        self,
+        plan: AttemptPlan,
+        request: chat_pb2.CreateChatCompletionRequest,
+        call: CallInfo,
+        record: RequestRecord,
+        spans: RequestSpans | None,
+        deadline: float,
+    ) -> tuple[Attempt, Chunks, chat_pb2.ChatCompletionChunk | None]:
+        """Attempts until one yields its first chunk (or ends cleanly with none); that one is committed."""
+        error: GatewayError | None = None
+        while (attempt := plan.next(error)) is not None:
+            upstream_call = await self._begin(attempt, request, call, record, spans)
+            state, deployment = attempt.state, attempt.state.deployment
+            chunks: Chunks = aiter(
+                state.provider.stream(request, deployment.upstream_model, upstream_call, deployment.timeouts)
+            )
+            if self._drain:
+                # The upstream is read in a task of its own, so a client that goes away cancels only us.
+                chunks = _Pump(chunks)
+            try:
+                first = await self._next_chunk(chunks, record, deadline)
+            except GatewayError as exc:
+                error = exc
+                await chunks.aclose()  # type: ignore[attr-defined]
+                record.metrics.in_flight.dec()
+                self._attempt_failed(attempt, exc, record, spans)
+                continue
+            except BaseException:
+                await chunks.aclose()  # type: ignore[attr-defined]
+                record.metrics.in_flight.dec()
+                state.abandoned()
+                raise
+            self._answered(attempt, call)
+            return attempt, chunks, first
+        raise self._exhausted(plan, error)
+
+    @staticmethod
+    async def _next_chunk(
+        chunks: Chunks, record: RequestRecord, deadline: float
+    ) -> chat_pb2.ChatCompletionChunk | None:
+        record.in_upstream = True
+        waited = time.perf_counter()
+        try:
+            # The deadline covers the whole stream; it wraps each wait, never a yield to the caller.
+            async with asyncio.timeout_at(deadline):
+                return await anext(chunks, None)
+        finally:
+            record.upstream_wait += time.perf_counter() - waited
+            record.in_upstream = False
 
     async def _drain_usage(
         self, chunks: _Pump, record: RequestRecord, spans: RequestSpans | None, deadline: float
@@ -139,13 +228,73 @@ class ChatCore:
                     if chunk.HasField("usage"):
                         record.usage = chunk.usage
                         break
-        except Exception:
+        except Exception:  # the client is gone; what matters is what was counted
             pass
         finally:
             await chunks.aclose()
             record.finish()
             if spans is not None:
                 spans.finish(record)
+
+    # ------------------------------------------------------------------ attempts
+
+    async def _begin(
+        self,
+        attempt: Attempt,
+        request: chat_pb2.CreateChatCompletionRequest,
+        call: CallInfo,
+        record: RequestRecord,
+        spans: RequestSpans | None,
+    ) -> CallInfo:
+        if attempt.wait:
+            await asyncio.sleep(attempt.wait)
+        state = attempt.state
+        record.metrics = self.router.metrics(request.model, state.deployment.provider)
+        record.metrics.in_flight.inc()
+        record.attempts = attempt.number
+        if attempt.model != request.model and attempt.model != record.served_by:
+            self._fallbacks[(request.model, attempt.model)].inc()
+        record.served_by = attempt.model
+        record.deployment = state.deployment.name
+        record.in_upstream = True
+        state.started(time.monotonic())
+        if spans is not None and state.provider.url:
+            return spans.upstream(attempt.model, state.deployment, state.provider.type, state.provider.url, call)
+        return call
+
+    @staticmethod
+    def _attempt_failed(
+        attempt: Attempt, error: GatewayError, record: RequestRecord, spans: RequestSpans | None
+    ) -> None:
+        attempt.state.failed(time.monotonic(), counts=retryable(error))
+        record.upstream_failed(error)
+        if spans is not None:
+            spans.attempt_failed(error)
+
+    @staticmethod
+    def _answered(attempt: Attempt, call: CallInfo) -> None:
+        call.response_metadata.update(
+            {
+                "x-llm-gateway-model": attempt.model,
+                "x-llm-gateway-deployment": attempt.state.deployment.name,
+                "x-llm-gateway-attempts": str(attempt.number),
+            }
+        )
+
+    @staticmethod
+    def _exhausted(plan: AttemptPlan, error: GatewayError | None) -> GatewayError:
+        if error is not None:
+            return error
+        cooling = plan.cooling_down()
+        seconds = cooling[1] if cooling else 0.0
+        return UpstreamUnavailableError(
+            f"Every deployment of '{cooling[0] if cooling else '?'}' is cooling down after failures; "
+            f"retry in {seconds:.0f}s.",
+            code="deployments_cooling_down",
+            headers={"retry-after": str(max(1, round(seconds)))},
+        )
+
+    # ------------------------------------------------------------------ models
 
     async def list_models(self, request: chat_pb2.ListModelsRequest, call: CallInfo) -> chat_pb2.ListModelsResponse:
         return self.router.list_models()
@@ -157,12 +306,19 @@ class ChatCore:
         await self.router.close()
 
 
+def _validate(request: chat_pb2.CreateChatCompletionRequest) -> None:
+    if not request.model:
+        raise InvalidRequestError("You must provide a model parameter.", param="model")
+    if not request.messages:
+        raise InvalidRequestError("'messages' must be a non-empty array.", param="messages")
+
+
 class _Pump:
     """An async iterator read ahead by its own task through a small queue."""
 
     _END = object()
 
-    def __init__(self, source: AsyncIterator[chat_pb2.ChatCompletionChunk]) -> None:
+    def __init__(self, source: Chunks) -> None:
         self._source = source
         self._queue: asyncio.Queue[object] = asyncio.Queue(maxsize=8)
         self._task = asyncio.get_running_loop().create_task(self._run())
@@ -191,10 +347,3 @@ class _Pump:
     async def aclose(self) -> None:
         self._task.cancel()
         await asyncio.gather(self._task, return_exceptions=True)
-
-
-def _validate(request: chat_pb2.CreateChatCompletionRequest) -> None:
-    if not request.model:
-        raise InvalidRequestError("You must provide a model parameter.", param="model")
-    if not request.messages:
-        raise InvalidRequestError("'messages' must be a non-empty array.", param="messages")

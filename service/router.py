@@ -1,27 +1,45 @@
-"""Routing by model name to a provider, as the config says."""
+"""Routing by model name to deployments, as the config says."""
 
 from __future__ import annotations
 
 import time
 
-from gateway.config import Config, ModelRoute
+from gateway.config import Config
 from gateway.errors import ModelNotFoundError
 from llm_gateway.v1 import chat_pb2
 
 from .accounting import RouteMetrics
+from .balancer import Balancer, DeploymentState
 from .providers import Provider, build_provider
+from .retry import AttemptPlan
 
 
 class Router:
     def __init__(self, config: Config, providers: dict[str, Provider] | None = None) -> None:
+        self._settings = config.routing
         self._providers = (
             providers
             if providers is not None
             else {name: build_provider(spec) for name, spec in config.providers.items()}
         )
-        self._routes = {
-            name: (route, self._providers[route.provider], RouteMetrics(name, route.provider))
+        self._balancers = {
+            name: Balancer(
+                route,
+                (DeploymentState(name, d, self._providers[d.provider], config.routing) for d in route.deployments),
+            )
             for name, route in config.models.items()
+        }
+        # A request's balancers: the model's own, then its fallbacks', in order. Built once.
+        self._chains = {
+            name: [balancer, *(self._balancers[other] for other in balancer.route.fallback)]
+            for name, balancer in self._balancers.items()
+        }
+        # Metric children per (model asked for, provider that answered), bound once.
+        self._metrics = {
+            (name, state.deployment.provider): RouteMetrics(name, state.deployment.provider)
+            for name, chain in self._chains.items()
+            for balancer in chain
+            for state in balancer.states
         }
         created = int(time.time())
         # Built once: the list never changes while the process runs.
@@ -33,13 +51,16 @@ class Router:
             ],
         )
 
-    def route(self, model: str) -> tuple[ModelRoute, Provider, RouteMetrics]:
-        found = self._routes.get(model)
-        if found is None:
+    def plan(self, model: str, deadline: float) -> AttemptPlan:
+        chain = self._chains.get(model)
+        if chain is None:
             raise ModelNotFoundError(
                 f"The model '{model}' does not exist or you do not have access to it.", param="model"
             )
-        return found
+        return AttemptPlan(chain, self._settings, deadline)
+
+    def metrics(self, model: str, provider: str) -> RouteMetrics:
+        return self._metrics[(model, provider)]
 
     def list_models(self) -> chat_pb2.ListModelsResponse:
         return self._models

@@ -13,7 +13,8 @@ from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
 
 from gateway import tracing
 from gateway.call import CallInfo
-from gateway.config import ModelRoute
+from gateway.config import Deployment
+from gateway.errors import GatewayError
 from llm_gateway.v1 import chat_pb2
 
 from .accounting import RequestRecord
@@ -47,26 +48,35 @@ class RequestSpans:
                 self.server.set_attribute(attribute, getattr(request, field))
         self.client: trace.Span | None = None
 
-    def upstream(self, route: ModelRoute, provider_type: str, url: str, call: CallInfo) -> CallInfo:
-        """Start the client span and return the call to hand the provider, carrying its traceparent."""
+    def upstream(self, model: str, deployment: Deployment, provider_type: str, url: str, call: CallInfo) -> CallInfo:
+        """Start an attempt's client span; return the call to hand the provider, carrying its traceparent."""
         self.server.set_attribute("gen_ai.provider.name", provider_type)
         self.client = self._tracer.start_span(
-            f"chat {route.upstream_model}",
+            f"chat {deployment.upstream_model}",
             context=trace.set_span_in_context(self.server),
             kind=SpanKind.CLIENT,
             attributes={
                 "gen_ai.operation.name": "chat",
                 "gen_ai.provider.name": provider_type,
-                "gen_ai.request.model": route.upstream_model,
+                "gen_ai.request.model": deployment.upstream_model,
                 "http.request.method": "POST",
                 "url.full": url,
-                "llm_gateway.provider": route.provider,
+                "llm_gateway.model": model,
+                "llm_gateway.deployment": deployment.name,
             },
         )
         carrier: dict[str, str] = {}
         tracing.inject(carrier, self.client)
         metadata = tuple((k, v) for k, v in call.metadata if k not in _TRACE_KEYS) + tuple(carrier.items())
         return replace(call, metadata=metadata)
+
+    def attempt_failed(self, error: GatewayError) -> None:
+        if self.client is not None:
+            self.client.set_attribute("http.response.status_code", error.http_status)
+            self.client.set_status(Status(StatusCode.ERROR, error.message))
+            self.client.set_attribute("error.type", error.type)
+            self.client.end()
+            self.client = None
 
     def finish(self, record: RequestRecord, response_model: str = "", finish_reasons: tuple[str, ...] = ()) -> None:
         attributes: dict[str, str | int | tuple[str, ...]] = {"llm_gateway.request_id": record.request_id}

@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 from typing import Protocol
 
 from gateway.call import CallInfo
+from gateway.config import Timeouts
 from llm_gateway.v1 import chat_pb2
 
 
@@ -16,13 +17,14 @@ class Provider(Protocol):
     url: str
 
     async def complete(
-        self, request: chat_pb2.CreateChatCompletionRequest, upstream_model: str, call: CallInfo
+        self, request: chat_pb2.CreateChatCompletionRequest, upstream_model: str, call: CallInfo, timeouts: Timeouts
     ) -> chat_pb2.ChatCompletion:
-        """One chat completion. Raises gateway.errors.GatewayError."""
+        """One chat completion. Raises gateway.errors.GatewayError; a timeout of `timeouts` raises
+        UpstreamTimeoutError."""
         ...
 
     def stream(
-        self, request: chat_pb2.CreateChatCompletionRequest, upstream_model: str, call: CallInfo
+        self, request: chat_pb2.CreateChatCompletionRequest, upstream_model: str, call: CallInfo, timeouts: Timeouts
     ) -> AsyncIterator[chat_pb2.ChatCompletionChunk]:
         """The chunks of a streamed completion, always ending with a usage chunk when the upstream
         reports usage. Closing the iterator closes the upstream request."""

@@ -12,7 +12,7 @@ import time
 from collections.abc import AsyncIterator
 
 from gateway.call import CallInfo
-from gateway.config import ProviderConfig
+from gateway.config import ProviderConfig, Timeouts
 from llm_gateway.v1 import chat_pb2
 
 _ids = itertools.count(1)
@@ -67,7 +67,7 @@ class DummyProvider:
         return f"chatcmpl-dummy-{next(_ids)}", choices, words, finish, usage
 
     async def complete(
-        self, request: chat_pb2.CreateChatCompletionRequest, upstream_model: str, call: CallInfo
+        self, request: chat_pb2.CreateChatCompletionRequest, upstream_model: str, call: CallInfo, timeouts: Timeouts
     ) -> chat_pb2.ChatCompletion:
         if self._latency:
             await asyncio.sleep(self._latency)
@@ -89,7 +89,7 @@ class DummyProvider:
         )
 
     async def stream(
-        self, request: chat_pb2.CreateChatCompletionRequest, upstream_model: str, call: CallInfo
+        self, request: chat_pb2.CreateChatCompletionRequest, upstream_model: str, call: CallInfo, timeouts: Timeouts
     ) -> AsyncIterator[chat_pb2.ChatCompletionChunk]:
         completion_id, choices, words, finish, usage = self._plan(request, upstream_model)
         created = int(time.time())

@@ -14,7 +14,7 @@ import aiohttp
 import orjson
 
 from gateway.call import CallInfo
-from gateway.config import ProviderConfig
+from gateway.config import ProviderConfig, Timeouts
 from gateway.errors import (
     BadGatewayError,
     GatewayError,
@@ -57,6 +57,7 @@ class OpenAICompatibleProvider:
             self._headers["authorization"] = f"Bearer {config.api_key}"
         self._stream_headers = {**self._headers, "accept": "text/event-stream"}
         self._session: aiohttp.ClientSession | None = None
+        self._timeouts: dict[float, aiohttp.ClientTimeout] = {}
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -65,9 +66,6 @@ class OpenAICompatibleProvider:
             )
             self._session = aiohttp.ClientSession(
                 connector=connector,
-                timeout=aiohttp.ClientTimeout(
-                    total=None, connect=self._config.connect_timeout, sock_read=self._config.read_timeout
-                ),
                 json_serialize=lambda obj: orjson.dumps(obj).decode(),
                 skip_auto_headers=("User-Agent",),
             )
@@ -77,20 +75,42 @@ class OpenAICompatibleProvider:
         extra = {key: value for key, value in call.metadata if key in _FORWARDED_METADATA}
         return {**base, **extra} if extra else base
 
+    def _timeout(self, timeouts: Timeouts) -> aiohttp.ClientTimeout:
+        """The provider's connect and read timeouts, or the deployment's own connect timeout. Cached:
+        one object per distinct value, not one per request."""
+        connect = timeouts.connect or self._config.connect_timeout
+        cached = self._timeouts.get(connect)
+        if cached is None:
+            cached = self._timeouts[connect] = aiohttp.ClientTimeout(
+                total=None, connect=connect, sock_read=self._config.read_timeout
+            )
+        return cached
+
     async def complete(
-        self, request: chat_pb2.CreateChatCompletionRequest, upstream_model: str, call: CallInfo
+        self, request: chat_pb2.CreateChatCompletionRequest, upstream_model: str, call: CallInfo, timeouts: Timeouts
     ) -> chat_pb2.ChatCompletion:
         body = _REQUEST.encode(request)
         body["model"] = upstream_model
         if body.get("stream") is True:
             body["stream"] = False
+        start = asyncio.get_running_loop().time()
+        total_at = start + timeouts.total if timeouts.total else None
+        first_at = _earliest(start + timeouts.first_token if timeouts.first_token else None, total_at)
         try:
-            async with self._client().post(
-                self.url, data=orjson.dumps(body), headers=self._headers_for(self._headers, call)
-            ) as response:
-                data = await response.read()
-                if response.status != 200:
-                    raise UpstreamError(response.status, data, _passed_back(response.headers))
+            async with asyncio.timeout_at(first_at):
+                response = await self._client().post(
+                    self.url,
+                    data=orjson.dumps(body),
+                    headers=self._headers_for(self._headers, call),
+                    timeout=self._timeout(timeouts),
+                )
+            try:
+                async with asyncio.timeout_at(total_at):
+                    data = await response.read()
+            finally:
+                response.release()  # back to the pool when fully read, else the connection is closed
+            if response.status != 200:
+                raise UpstreamError(response.status, data, _passed_back(response.headers))
         except GatewayError:
             raise
         except Exception as exc:
@@ -104,7 +124,7 @@ class OpenAICompatibleProvider:
             raise BadGatewayError(f"Provider {self.name} sent an invalid response: {exc}") from None
 
     async def stream(
-        self, request: chat_pb2.CreateChatCompletionRequest, upstream_model: str, call: CallInfo
+        self, request: chat_pb2.CreateChatCompletionRequest, upstream_model: str, call: CallInfo, timeouts: Timeouts
     ) -> AsyncIterator[chat_pb2.ChatCompletionChunk]:
         body = _REQUEST.encode(request)
         body["model"] = upstream_model
@@ -115,17 +135,38 @@ class OpenAICompatibleProvider:
         body["stream_options"] = (
             {**options, "include_usage": True} if type(options) is dict else {"include_usage": True}
         )
+        start = asyncio.get_running_loop().time()
+        total_at = start + timeouts.total if timeouts.total else None
+        first_at = _earliest(start + timeouts.first_token if timeouts.first_token else None, total_at)
         try:
-            async with self._client().post(
-                self.url, data=orjson.dumps(body), headers=self._headers_for(self._stream_headers, call)
-            ) as response:
+            # Each timeout wraps one await and never a `yield`: a timeout spanning a yield would fire
+            # in whatever the consumer is doing meanwhile.
+            async with asyncio.timeout_at(first_at):
+                response = await self._client().post(
+                    self.url,
+                    data=orjson.dumps(body),
+                    headers=self._headers_for(self._stream_headers, call),
+                    timeout=self._timeout(timeouts),
+                )
+            try:
                 if response.status != 200:
-                    raise UpstreamError(response.status, await response.read(), _passed_back(response.headers))
-                async for data in _sse_events(response.content):
+                    async with asyncio.timeout_at(total_at):
+                        error = await response.read()
+                    raise UpstreamError(response.status, error, _passed_back(response.headers))
+                events = _sse_events(response.content)
+                limit = first_at
+                while True:
+                    async with asyncio.timeout_at(limit):
+                        data = await anext(events, None)
+                    if data is None:
+                        raise BadGatewayError(f"Provider {self.name} ended the stream without [DONE].")
                     if data == _DONE:
+                        response.release()  # the body is done: the connection goes back to the pool
                         return
+                    limit = total_at
                     yield self._chunk(data)
-            raise BadGatewayError(f"Provider {self.name} ended the stream without [DONE].")
+            finally:
+                response.close()  # no-op after release(); otherwise the upstream sees the connection close
         except GatewayError:
             raise
         except Exception as exc:
@@ -169,6 +210,12 @@ async def _sse_events(content: aiohttp.StreamReader) -> AsyncIterator[bytes]:
             data.append(value[1:] if value.startswith(b" ") else value)
     if data:  # a last event without its blank line
         yield data[0] if len(data) == 1 else b"\n".join(data)
+
+
+def _earliest(a: float | None, b: float | None) -> float | None:
+    if a is None:
+        return b
+    return a if b is None else min(a, b)
 
 
 def _passed_back(headers: Mapping[str, str]) -> dict[str, str]:

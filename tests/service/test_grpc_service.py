@@ -48,6 +48,8 @@ def reset(fake: FakeUpstream) -> None:
 def gateway(fake: FakeUpstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
     config = {
         "logging": {"level": "DEBUG"},
+        # Errors map one to one here; retries, fallbacks and cooldowns have tests of their own.
+        "routing": {"retries": 0, "cooldown_failures": 1000},
         "providers": {
             "openai": {
                 "api_key": OPENAI_KEY,

@@ -1,0 +1,129 @@
+"""Deployments of one model: their health (cooldown), and which one serves the next attempt.
+
+A deployment that fails retryably `cooldown_failures` times within `cooldown_window` seconds is
+skipped for `cooldown_seconds`; after that it gets one trial request, which either heals it or sends
+it back to cooldown. State is per worker process.
+
+Load balancing:
+- `weighted`: a random pick in proportion to `weight` (weight 0 takes traffic only when nothing else is
+  available);
+- `least_inflight`: the deployment with the fewest requests in flight in this worker, ties broken by
+  weight and then by order.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import deque
+from collections.abc import Iterable
+
+from prometheus_client import Counter, Gauge
+
+from gateway import metrics
+from gateway.config import Deployment, ModelRoute, RoutingConfig
+
+from .providers import Provider
+
+HEALTHY, COOLDOWN, TRIAL = 0, 1, 2
+
+
+class DeploymentState:
+    __slots__ = (
+        "_failures",
+        "_gauge",
+        "_settings",
+        "cooldown_until",
+        "deployment",
+        "in_flight",
+        "provider",
+        "retries",
+        "state",
+    )
+
+    def __init__(self, model: str, deployment: Deployment, provider: Provider, settings: RoutingConfig) -> None:
+        self.deployment = deployment
+        self.provider = provider
+        self._settings = settings
+        self.in_flight = 0
+        self.state = HEALTHY
+        self.cooldown_until = 0.0
+        self._failures: deque[float] = deque()
+        self._gauge: Gauge = metrics.DEPLOYMENT_STATE.labels(model, deployment.name)
+        self._gauge.set(HEALTHY)
+        self.retries: Counter = metrics.RETRIES.labels(model, deployment.name)
+
+    def available(self, now: float) -> bool:
+        # Healthy, or cooled down long enough to be due a trial request.
+        return self.state == HEALTHY or (self.state == COOLDOWN and now >= self.cooldown_until)
+
+    def started(self, now: float) -> None:
+        self.in_flight += 1
+        if self.state == COOLDOWN and now >= self.cooldown_until:
+            self._set(TRIAL)
+
+    def succeeded(self) -> None:
+        self.in_flight -= 1
+        if self.state != HEALTHY:
+            self._failures.clear()
+            self._set(HEALTHY)
+
+    def failed(self, now: float, counts: bool) -> None:
+        """`counts`: the failure says something about the deployment (retryable), not the request."""
+        self.in_flight -= 1
+        if not counts:
+            if self.state == TRIAL:
+                self._set(HEALTHY)  # it answered; the request was at fault
+            return
+        settings = self._settings
+        if self.state == TRIAL:
+            self._enter_cooldown(now)
+            return
+        failures = self._failures
+        failures.append(now)
+        while failures and failures[0] < now - settings.cooldown_window:
+            failures.popleft()
+        if len(failures) >= settings.cooldown_failures:
+            self._enter_cooldown(now)
+
+    def abandoned(self) -> None:
+        """The attempt ended without a verdict (the client went away)."""
+        self.in_flight -= 1
+        if self.state == TRIAL:
+            self._set(COOLDOWN)  # still due a trial: cooldown_until has passed
+
+    def _enter_cooldown(self, now: float) -> None:
+        self._failures.clear()
+        self.cooldown_until = now + self._settings.cooldown_seconds
+        self._set(COOLDOWN)
+
+    def _set(self, state: int) -> None:
+        self.state = state
+        self._gauge.set(state)
+
+
+class Balancer:
+    def __init__(self, route: ModelRoute, states: Iterable[DeploymentState]) -> None:
+        self.route = route
+        self.states = tuple(states)
+        self._least_inflight = route.load_balancing == "least_inflight"
+
+    def pick(self, tried: set[DeploymentState]) -> DeploymentState | None:
+        """A deployment for the next attempt, preferring ones this request has not tried yet; None when
+        every deployment is cooling down."""
+        now = time.monotonic()
+        available = [s for s in self.states if s.available(now)]
+        if not available:
+            return None
+        fresh = [s for s in available if s not in tried] or available
+        if len(fresh) == 1:
+            return fresh[0]
+        if self._least_inflight:
+            return min(fresh, key=lambda s: (s.in_flight, -s.deployment.weight))
+        weights = [s.deployment.weight for s in fresh]
+        if not any(weights):
+            return fresh[0]
+        return random.choices(fresh, weights=weights)[0]
+
+    def soonest_recovery(self) -> float:
+        return max(0.0, min(s.cooldown_until for s in self.states) - time.monotonic())

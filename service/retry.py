@@ -1,0 +1,124 @@
+"""Which failures are worth another attempt, how long to wait first, and where to try next.
+
+Retryable: connection errors, timeouts, invalid upstream responses, 408, 409, 429 and 5xx. Everything
+else (400, 401, 403, 404, 413, 422, ...) goes straight back to the client with the upstream's body.
+
+An attempt plan walks the model's deployments (up to `retries` attempts after the first), then each
+fallback model in order with the same budget. A retry on the same deployment waits an exponential
+backoff with full jitter, or the upstream's Retry-After when that is longer; a wait that does not fit
+the request's deadline is not taken, and the plan moves on to the next model instead.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+
+from gateway.config import RoutingConfig
+from gateway.errors import (
+    BadGatewayError,
+    GatewayError,
+    UpstreamError,
+    UpstreamTimeoutError,
+    UpstreamUnavailableError,
+)
+
+from .balancer import Balancer, DeploymentState
+
+_RETRYABLE_STATUS = frozenset({408, 409, 429})
+
+
+def retryable(error: GatewayError) -> bool:
+    if isinstance(error, UpstreamError):
+        return error.http_status in _RETRYABLE_STATUS or error.http_status >= 500
+    return isinstance(error, (UpstreamUnavailableError, UpstreamTimeoutError, BadGatewayError))
+
+
+def retry_after(error: GatewayError) -> float | None:
+    """Seconds the upstream asked us to wait (retry-after-ms, or retry-after in seconds or as a date)."""
+    headers = error.headers
+    if "retry-after-ms" in headers:
+        try:
+            return max(float(headers["retry-after-ms"]) / 1000, 0.0)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return max(float(value), 0.0)
+    except ValueError:
+        pass
+    try:
+        return max(parsedate_to_datetime(value).timestamp() - time.time(), 0.0)
+    except (TypeError, ValueError):
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    model: str  # the configured model serving this attempt (the one asked for, or a fallback)
+    state: DeploymentState
+    wait: float  # seconds to sleep before it
+    number: int  # 1 for the first attempt of the request
+
+
+class AttemptPlan:
+    def __init__(self, balancers: list[Balancer], settings: RoutingConfig, deadline: float) -> None:
+        self._balancers = balancers
+        self._settings = settings
+        self._deadline = deadline  # time.monotonic() based
+        self._index = 0
+        self._tries = 0
+        self._tried: set[DeploymentState] = set()
+        self._last: DeploymentState | None = None
+        self.attempts = 0
+
+    def next(self, error: GatewayError | None) -> Attempt | None:
+        """The next attempt after `error` (None before the first), or None when there is none."""
+        if error is not None and not retryable(error):
+            return None
+        while self._index < len(self._balancers):
+            balancer = self._balancers[self._index]
+            if self._tries <= self._settings.retries:
+                state = balancer.pick(self._tried)
+                if state is not None:
+                    wait = self._wait(state, error)
+                    if wait is not None:
+                        self._tries += 1
+                        self._tried.add(state)
+                        self._last = state
+                        self.attempts += 1
+                        if self.attempts > 1 and self._tries > 1:
+                            state.retries.inc()
+                        return Attempt(balancer.route.name, state, wait, self.attempts)
+            self._index += 1
+            self._tries = 0
+            self._tried = set()
+            self._last = None
+        return None
+
+    @property
+    def fell_back(self) -> bool:
+        return self._index > 0
+
+    def _wait(self, state: DeploymentState, error: GatewayError | None) -> float | None:
+        if error is None or state is not self._last:
+            return 0.0  # a first attempt, or another deployment: no reason to wait
+        settings = self._settings
+        wait = random.uniform(0, min(settings.backoff_max, settings.backoff_initial * 2 ** (self._tries - 1)))
+        asked = retry_after(error)
+        if asked is not None:
+            wait = max(wait, asked)
+        if time.monotonic() + wait >= self._deadline:
+            return None
+        return wait
+
+    def cooling_down(self) -> tuple[str, float] | None:
+        """When nothing was attempted because every deployment cools down: the model and seconds left."""
+        if self.attempts or not self._balancers:
+            return None
+        first = self._balancers[0]
+        return first.route.name, first.soonest_recovery()
