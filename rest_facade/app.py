@@ -1,0 +1,151 @@
+"""The Sanic app: one generic transcoding handler per route from the proto, plus /healthz, /readyz
+and /metrics (Prometheus text, summed over workers).
+
+Request path: body bytes -> orjson -> protobuf (precomputed codec tables) -> backend -> protobuf ->
+orjson bytes. Nothing here is looked up per request that could be looked up at start-up.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from google.protobuf.descriptor import ServiceDescriptor
+from google.protobuf.message import Message
+from sanic import HTTPResponse, Request, Sanic
+
+from gateway import metrics
+from gateway.call import CallInfo, ChatBackend
+from gateway.config import Config
+from gateway.errors import GatewayError, InternalError, UpstreamUnavailableError
+from gateway.jsonpb import JsonMappingError
+from gateway.logs import get_logger
+
+from . import sse
+from .errors import JSON, OpenAIErrorHandler, body_error, error_response
+from .headers import REQUEST_ID, call_info, request_id
+from .routes import Binding, Route, build_routes
+
+log = get_logger("rest")
+
+Handler = Callable[..., Coroutine[Any, Any, HTTPResponse | None]]
+
+_NO_QUERY: dict[str, list[str]] = {}
+_HEALTHY = b'{"status":"ok"}'
+_READY = b'{"status":"ready"}'
+# Sanic's own response timeout must never beat the request deadline, which answers with a proper 504.
+_RESPONSE_TIMEOUT_MARGIN = 30.0
+_names = itertools.count(1)
+
+
+def build_app(config: Config, backend: ChatBackend, service: ServiceDescriptor) -> Sanic[Any, Any]:
+    app: Sanic[Any, Any] = Sanic(
+        f"llm_gateway_rest_{os.getpid()}_{next(_names)}", configure_logging=False, error_handler=OpenAIErrorHandler()
+    )
+    server = config.server
+    app.config.REQUEST_MAX_SIZE = server.max_body_bytes
+    app.config.RESPONSE_TIMEOUT = server.request_timeout + _RESPONSE_TIMEOUT_MARGIN
+    app.config.ACCESS_LOG = False
+    app.config.MOTD = False
+    app.config.NOISY_EXCEPTIONS = False
+    for route in build_routes(service):
+        name = route.bindings[0].descriptor.name
+        app.add_route(
+            transcoding_handler(route, backend, server.request_timeout),
+            route.sanic_path,
+            methods=[route.http_method],
+            name=f"{route.http_method.lower()}_{name}",
+        )
+
+    async def healthz(request: Request) -> HTTPResponse:
+        return HTTPResponse(_HEALTHY, headers={REQUEST_ID: request_id(request.headers)}, content_type=JSON)
+
+    async def readyz(request: Request) -> HTTPResponse:
+        rid = request_id(request.headers)
+        if await backend.ready():
+            return HTTPResponse(_READY, headers={REQUEST_ID: rid}, content_type=JSON)
+        return error_response(UpstreamUnavailableError("The gRPC service is not reachable."), rid)
+
+    async def prometheus(request: Request) -> HTTPResponse:
+        body, content_type = metrics.exposition()
+        return HTTPResponse(body, content_type=content_type)
+
+    app.add_route(healthz, "/healthz", methods=["GET"], name="healthz")
+    app.add_route(readyz, "/readyz", methods=["GET"], name="readyz")
+    app.add_route(prometheus, "/metrics", methods=["GET"], name="metrics")
+    return app
+
+
+def transcoding_handler(route: Route, backend: ChatBackend, max_timeout: float) -> Handler:
+    """The one handler every proto-annotated route shares: decode, pick the RPC, call, encode."""
+    reads_query = not route.body  # only body-less rules take fields from the query string
+
+    async def handle(request: Request, **path_params: str) -> HTTPResponse | None:
+        headers = request.headers
+        rid = request_id(headers)
+        try:
+            call = call_info(headers, rid, max_timeout)
+            body = request.body
+            try:
+                message = route.decode(body, request.args if reads_query else _NO_QUERY, path_params)
+            except JsonMappingError as exc:
+                raise body_error(exc, body) from None
+        except GatewayError as error:
+            log.info("request rejected", request_id=rid, status=error.http_status, error=error.message)
+            return error_response(error, rid)
+        binding = route.pick(message)
+        try:
+            if binding.server_streaming:
+                await _stream(request, backend, binding, message, call, rid)
+                return None
+            reply = await backend.unary(binding.method, message, call)
+        except GatewayError as error:
+            return error_response(error, rid)
+        except Exception:
+            log.error("unexpected error", exc_info=True, request_id=rid, method=binding.method)
+            return error_response(InternalError("The gateway failed to handle the request."), rid)
+        return HTTPResponse(binding.response.dumps(reply), headers={REQUEST_ID: rid}, content_type=JSON)
+
+    return handle
+
+
+async def _stream(
+    request: Request, backend: ChatBackend, binding: Binding, message: Message, call: CallInfo, rid: str
+) -> None:
+    """Server-streaming RPC -> SSE. Errors before the first message raise (the caller answers with
+    their real status); errors after it become an error event, then [DONE]."""
+    chunks = backend.stream(binding.method, message, call)
+    encode = binding.response.dumps
+    try:
+        try:
+            first: Message | None = await anext(chunks)
+        except StopAsyncIteration:
+            first = None
+        # Headers go out only now, once the first message (or a clean empty end) has arrived.
+        response = await request.respond(headers={**sse.HEADERS, REQUEST_ID: rid}, content_type=sse.CONTENT_TYPE)
+        try:
+            if first is not None:
+                await response.send(sse.event(encode(first)))  # each send is one chunked write: flushed
+                while True:
+                    try:
+                        chunk = await anext(chunks)
+                    except StopAsyncIteration:
+                        break
+                    except GatewayError as error:
+                        await response.send(sse.error_event(error))
+                        break
+                    except Exception:
+                        log.error("unexpected error mid-stream", exc_info=True, request_id=rid, method=binding.method)
+                        await response.send(sse.error_event(InternalError("The gateway failed mid-stream.")))
+                        break
+                    await response.send(sse.event(encode(chunk)))
+            await response.send(sse.DONE, end_stream=True)
+        except Exception:  # the response has started: nothing left to tell the client
+            log.error("stream aborted", exc_info=True, request_id=rid, method=binding.method)
+    finally:
+        # Client gone (the task is cancelled) or stream over: close the backend call, which closes upstream.
+        aclose = getattr(chunks, "aclose", None)
+        if aclose is not None:
+            await aclose()

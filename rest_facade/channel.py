@@ -1,0 +1,87 @@
+"""The facade's remote path to the service: a grpc.aio channel, like grpc-gateway's
+RegisterXHandlerFromEndpoint. Generic over the service's methods: one multicallable per method, built
+once, with the messages' own SerializeToString / FromString.
+
+A failed call comes back as the `GatewayError` it started as, rebuilt from the status and its
+`grpc-status-details-bin` trailer. A caller that is cancelled (the REST client went away) cancels the
+RPC, and the service then cancels its upstream request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from google.protobuf import message_factory
+from google.protobuf.descriptor import ServiceDescriptor
+from google.protobuf.message import Message
+from grpc_health.v1 import health_pb2
+
+from gateway.call import CallInfo
+from gateway.errors import GatewayError
+
+_HEALTH_CHECK = "/grpc.health.v1.Health/Check"
+_READY_TIMEOUT = 2.0
+_OPTIONS = (
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+    ("grpc.keepalive_time_ms", 30_000),
+)
+
+
+def rpc_error(error: grpc.aio.AioRpcError) -> GatewayError:
+    return GatewayError.from_grpc(error.code(), error.details() or "", error.trailing_metadata())
+
+
+class ChannelBackend:
+    def __init__(self, target: str, service: ServiceDescriptor) -> None:
+        self._service = service.full_name
+        self._channel = grpc.aio.insecure_channel(target, options=_OPTIONS)
+        self._unary: dict[str, Any] = {}
+        self._stream: dict[str, Any] = {}
+        for method in service.methods:
+            path = f"/{service.full_name}/{method.name}"
+            request_type = message_factory.GetMessageClass(method.input_type)
+            response_type = message_factory.GetMessageClass(method.output_type)
+            factory = self._channel.unary_stream if method.server_streaming else self._channel.unary_unary
+            table = self._stream if method.server_streaming else self._unary
+            table[path] = factory(
+                path,
+                request_serializer=request_type.SerializeToString,
+                response_deserializer=response_type.FromString,
+            )
+        self._health = self._channel.unary_unary(
+            _HEALTH_CHECK,
+            request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+            response_deserializer=health_pb2.HealthCheckResponse.FromString,
+        )
+
+    async def unary(self, method: str, request: Message, call: CallInfo) -> Message:
+        try:
+            # Awaiting a grpc.aio call that gets cancelled cancels the RPC itself.
+            response: Message = await self._unary[method](request, metadata=call.metadata, timeout=call.timeout)
+        except grpc.aio.AioRpcError as error:
+            raise rpc_error(error) from None
+        return response
+
+    async def stream(self, method: str, request: Message, call: CallInfo) -> AsyncIterator[Message]:
+        rpc = self._stream[method](request, metadata=call.metadata, timeout=call.timeout)
+        try:
+            async for message in rpc:
+                yield message
+        except grpc.aio.AioRpcError as error:
+            raise rpc_error(error) from None
+        finally:
+            # Closed early (client gone, or the caller stopped reading): end the RPC too. No-op when done.
+            rpc.cancel()
+
+    async def ready(self) -> bool:
+        try:
+            reply = await self._health(health_pb2.HealthCheckRequest(service=self._service), timeout=_READY_TIMEOUT)
+        except grpc.aio.AioRpcError:
+            return False
+        return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+    async def close(self) -> None:
+        await self._channel.close(grace=None)
