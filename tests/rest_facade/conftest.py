@@ -1,0 +1,117 @@
+"""Real gateway processes for the REST facade tests, in both process modes.
+
+`stack` is module-scoped and parametrized: every test runs against
+  - "inprocess": one process, gRPC service + facade calling it in-process (the default);
+  - "remote":    a `--grpc-only` service process and a `--grpc-target` facade-only process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+import pytest
+from aiohttp import web
+
+from tests.fakes.upstream import FakeUpstream, chunks, completion
+from tests.harness import GatewayProcess, free_port
+
+OPENAI_KEY = "sk-test-provider-0123456789"
+CLIENT_KEY = "sk-client-secret-abcdef"
+UPSTREAM_MODEL = "gpt-4o-2024-08-06"
+MAX_BODY = 64 * 1024
+MODES = ("inprocess", "remote")
+
+
+def gateway_config(fake: FakeUpstream, **server: Any) -> dict[str, Any]:
+    return {
+        "server": {"max_body_bytes": MAX_BODY, "request_timeout": 30, **server},
+        "logging": {"level": "INFO"},
+        "providers": {
+            "openai": {"api_key": OPENAI_KEY, "api_url": f"{fake.url}/v1", "is_openai_compatible": True},
+            "slow": {"type": "openai", "api_url": f"{fake.url}/v1", "read_timeout": 1},
+            "down": {"type": "openai", "api_url": f"http://127.0.0.1:{free_port()}/v1"},
+        },
+        "models": {
+            "gpt-4o": {"provider": "openai", "model": UPSTREAM_MODEL},
+            "gpt-4o-mini": "openai",
+            "slow": "slow",
+            "broken": "down",
+        },
+    }
+
+
+def answer_by_stream_flag(fake: FakeUpstream) -> None:
+    """The default completion for unary requests, the default chunks for `"stream": true` ones."""
+    fake.reply(200, completion())
+    unary = fake.handler
+    fake.stream(chunks())
+    streaming = fake.handler
+    assert unary is not None and streaming is not None
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        wants_stream = orjson.loads(await request.read()).get("stream") is True
+        return await (streaming if wants_stream else unary)(request)
+
+    fake.handler = handle
+
+
+@dataclass
+class Stack:
+    mode: str
+    rest: GatewayProcess
+    grpc: GatewayProcess
+    processes: list[GatewayProcess] = field(default_factory=list)
+
+    @property
+    def base_url(self) -> str:
+        return self.rest.base_url
+
+    @property
+    def grpc_address(self) -> str:
+        return self.grpc.grpc_address
+
+    def alive(self) -> bool:
+        return all(p.process is not None and p.process.poll() is None for p in self.processes)
+
+    def stop(self) -> None:
+        for process in reversed(self.processes):
+            process.stop()
+
+
+def start_stack(mode: str, config: dict[str, Any], workdir: Any) -> Stack:
+    if mode == "inprocess":
+        both = GatewayProcess(config, workdir).start()
+        return Stack(mode, both, both, [both])
+    service = GatewayProcess(config, workdir, args=("--grpc-only",)).start()
+    try:
+        facade = GatewayProcess(config, workdir, args=("--grpc-target", service.grpc_address)).start(wait_grpc=False)
+    except BaseException:
+        service.stop()
+        raise
+    return Stack(mode, facade, service, [service, facade])
+
+
+@pytest.fixture(scope="module")
+def fake() -> Iterator[FakeUpstream]:
+    server = FakeUpstream().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module", params=MODES)
+def stack(
+    request: pytest.FixtureRequest, fake: FakeUpstream, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
+    started = start_stack(request.param, gateway_config(fake), tmp_path_factory.mktemp(request.param))
+    yield started
+    started.stop()
+
+
+@pytest.fixture(autouse=True)
+def reset(fake: FakeUpstream) -> None:
+    fake.received.clear()
+    fake.disconnected.clear()
+    fake.reply(200, completion())
