@@ -29,6 +29,9 @@ def gateway_config(fake: FakeUpstream, **server: Any) -> dict[str, Any]:
     return {
         "server": {"max_body_bytes": MAX_BODY, "request_timeout": 30, **server},
         "logging": {"level": "INFO"},
+        # No service-side retries or cooldowns: each request reaches the upstream once, and a test's
+        # failures cannot bench a deployment for the tests after it.
+        "routing": {"retries": 0, "cooldown_failures": 1_000_000},
         "providers": {
             "openai": {"api_key": OPENAI_KEY, "api_url": f"{fake.url}/v1", "is_openai_compatible": True},
             "slow": {"type": "openai", "api_url": f"{fake.url}/v1", "read_timeout": 1},
