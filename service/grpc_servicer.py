@@ -61,8 +61,10 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         self, request: chat_pb2.CreateChatCompletionRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> chat_pb2.ChatCompletion:
         started, rpc = time.perf_counter(), _METRICS["CreateChatCompletion"]
+        call = call_info(context)
         try:
-            response = await self._core.create_chat_completion(request, call_info(context))
+            response = await self._core.create_chat_completion(request, call)
+            await context.send_initial_metadata(tuple(call.response_metadata.items()))
         except BaseException as exc:
             rpc.done(started, _code_of(exc))
             if isinstance(exc, GatewayError):
@@ -75,8 +77,14 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         self, request: chat_pb2.CreateChatCompletionRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[chat_pb2.ChatCompletionChunk]:
         started, rpc = time.perf_counter(), _METRICS["StreamChatCompletion"]
+        call = call_info(context)
+        first = True
         try:
-            async for chunk in self._core.stream_chat_completion(request, call_info(context)):
+            async for chunk in self._core.stream_chat_completion(request, call):
+                if first:
+                    # What answered is known once the first chunk is: it goes out ahead of it.
+                    await context.send_initial_metadata(tuple(call.response_metadata.items()))
+                    first = False
                 yield chunk
         except BaseException as exc:
             rpc.done(started, _code_of(exc))

@@ -31,6 +31,7 @@ class Received:
     path: str
     headers: dict[str, str]
     body: bytes
+    at: float = field(default_factory=time.monotonic)
 
     @property
     def json(self) -> Any:
@@ -122,6 +123,7 @@ class FakeUpstream:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._runner: web.AppRunner | None = None
+        self._script: list[Handler] = []
         self.reply(200, completion())
 
     @property
@@ -129,17 +131,24 @@ class FakeUpstream:
         return f"http://{self.host}:{self.port}"
 
     # ------------------------------------------------------------------ behaviours
+    # Each `*ing` method builds a handler; `reply`, `stream` and `hang` make it the answer to every
+    # request, and `script` answers the next requests with a list of handlers, one each.
 
-    def reply(self, status: int, body: Any, headers: dict[str, str] | None = None) -> None:
+    def replying(
+        self, status: int, body: Any, headers: dict[str, str] | None = None, content_type: str = "application/json"
+    ) -> Handler:
         payload = body if isinstance(body, bytes) else orjson.dumps(body)
 
         async def handle(request: web.Request) -> web.StreamResponse:
-            return web.Response(status=status, body=payload, content_type="application/json", headers=headers)
+            return web.Response(status=status, body=payload, content_type=content_type, headers=headers)
 
-        self.handler = handle
+        return handle
 
-    def stream(self, events: list[Any], done: bool = True, delay: float = 0.0, hold: bool = False) -> None:
-        """SSE: one `data:` event per item (dicts become JSON); `hold` keeps the connection open after."""
+    def streaming(
+        self, events: list[Any], done: bool = True, delay: float = 0.0, hold: bool = False, drop: bool = False
+    ) -> Handler:
+        """SSE: one `data:` event per item (dicts become JSON). `hold` keeps the connection open after
+        the events; `drop` closes it abruptly, without ending the chunked body."""
 
         async def handle(request: web.Request) -> web.StreamResponse:
             response = web.StreamResponse(headers={"content-type": "text/event-stream"})
@@ -152,6 +161,10 @@ class FakeUpstream:
                         await asyncio.sleep(delay)
                 if done:
                     await response.write(b"data: [DONE]\n\n")
+                if drop:  # close after flushing what was written, without ending the chunked body
+                    assert request.transport is not None
+                    request.transport.close()
+                    return response
                 if hold:
                     await self._wait_for_disconnect(request)
             except (ConnectionError, asyncio.CancelledError):
@@ -159,14 +172,63 @@ class FakeUpstream:
                 raise
             return response
 
-        self.handler = handle
+        return handle
 
-    def hang(self) -> None:
+    def hanging(self) -> Handler:
+        """Accept the request and never answer."""
+
         async def handle(request: web.Request) -> web.StreamResponse:
             await self._wait_for_disconnect(request)
             return web.Response(status=200)
 
-        self.handler = handle
+        return handle
+
+    def trickling(self, body: Any, delay: float = 0.05) -> Handler:
+        """A 200 answered one byte at a time."""
+        payload = body if isinstance(body, bytes) else orjson.dumps(body)
+
+        async def handle(request: web.Request) -> web.StreamResponse:
+            response = web.StreamResponse(headers={"content-type": "application/json"})
+            response.content_length = len(payload)
+            await response.prepare(request)
+            try:
+                for i in range(len(payload)):
+                    await response.write(payload[i : i + 1])
+                    await asyncio.sleep(delay)
+            except (ConnectionError, asyncio.CancelledError):
+                self.disconnected.set()
+                raise
+            return response
+
+        return handle
+
+    def cutting(self, body: Any) -> Handler:
+        """A 200 that promises the whole body and closes the connection halfway through it."""
+        payload = body if isinstance(body, bytes) else orjson.dumps(body)
+
+        async def handle(request: web.Request) -> web.StreamResponse:
+            response = web.StreamResponse(headers={"content-type": "application/json"})
+            response.content_length = len(payload)
+            await response.prepare(request)
+            await response.write(payload[: len(payload) // 2])
+            assert request.transport is not None
+            request.transport.close()
+            return response
+
+        return handle
+
+    def reply(self, status: int, body: Any, headers: dict[str, str] | None = None) -> None:
+        self.handler = self.replying(status, body, headers)
+
+    def stream(self, events: list[Any], done: bool = True, delay: float = 0.0, hold: bool = False) -> None:
+        self.handler = self.streaming(events, done=done, delay=delay, hold=hold)
+
+    def hang(self) -> None:
+        self.handler = self.hanging()
+
+    def script(self, *handlers: Handler) -> None:
+        """Answer the next requests with these handlers in order, then go back to `handler`."""
+        self._script.extend(handlers)
 
     async def _wait_for_disconnect(self, request: web.Request) -> None:
         try:
@@ -183,8 +245,9 @@ class FakeUpstream:
     async def _dispatch(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
         self.received.append(Received(request.method, request.path, dict(request.headers), body))
-        assert self.handler is not None
-        return await self.handler(request)
+        handler = self._script.pop(0) if self._script else self.handler
+        assert handler is not None
+        return await handler(request)
 
     def start(self) -> FakeUpstream:
         self._thread.start()
@@ -203,6 +266,8 @@ class FakeUpstream:
         self.port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
 
     def stop(self) -> None:
+        if not self._loop.is_running():
+            return
         if self._runner is not None:
             asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
         self._loop.call_soon_threadsafe(self._loop.stop)
