@@ -210,7 +210,7 @@ def test_cooldown_skips_a_failing_deployment_then_tries_it_again(
     fakes: dict[str, FakeUpstream], start: Callable[..., Any]
 ) -> None:
     stub = start(retries=1, cooldown_failures=2, cooldown_window=60, cooldown_seconds=1.5)
-    a, b = fakes["a"], fakes["b"]
+    a = fakes["a"]
     a.reply(500, {"error": {"message": "a is down", "type": "server_error"}})
     for _ in range(2):  # a fails twice (each request then succeeds on b): a cools down
         _, metadata = _unary(stub)
