@@ -8,7 +8,9 @@ the gateway is run from that wheel alone and probed with the image's own HEALTHC
 
 from __future__ import annotations
 
+import ast
 import fnmatch
+import functools
 import importlib.util
 import json
 import os
@@ -19,10 +21,14 @@ import sys
 import tomllib
 import urllib.request
 import zipfile
+from collections.abc import Mapping
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from gateway.config import ServerConfig
 from tests.harness import ROOT, GatewayProcess
@@ -164,6 +170,69 @@ def test_dockerignore_keeps_the_build_context_small_but_complete(stages: list[St
             assert not ignored(source), f".dockerignore excludes {source}, which the Dockerfile copies"
     for heavy in (".git", ".venv", "tests"):
         assert ignored(heavy), f".dockerignore should exclude {heavy}"
+
+
+def imported_modules(package_dir: Path) -> set[str]:
+    """Absolute imports of third-party modules anywhere in a package's source (`from a import b` gives a and a.b)."""
+    first_party = {package.split("/")[0] for package in PACKAGE_DIRS.values()}
+    found: set[str] = set()
+    for path in package_dir.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                found.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                found.add(node.module)
+                found.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return {name for name in found if name.split(".")[0] not in sys.stdlib_module_names | first_party | {"__future__"}}
+
+
+@functools.cache
+def _packages_distributions() -> Mapping[str, list[str]]:
+    return metadata.packages_distributions()
+
+
+def owner(module: str) -> str | None:
+    """The installed distribution a module's file belongs to."""
+    spec = importlib.util.find_spec(module)
+    assert spec is not None and spec.origin is not None
+    origin = Path(spec.origin).resolve()
+    for name in _packages_distributions().get(module.split(".")[0], []):
+        dist = metadata.distribution(name)
+        if any(Path(str(dist.locate_file(file))).resolve() == origin for file in dist.files or []):
+            return canonicalize_name(name)
+    return None
+
+
+def dependency_closure(requirements: list[str]) -> set[str]:
+    """The distributions pip installs for `requirements` (as installed here), by normalized name."""
+    seen: set[str] = set()
+    todo = [Requirement(r) for r in requirements]
+    while todo:
+        requirement = todo.pop()
+        name = canonicalize_name(requirement.name)
+        if name in seen or (requirement.marker and not requirement.marker.evaluate({"extra": ""})):
+            continue
+        seen.add(name)
+        todo += [Requirement(r) for r in metadata.requires(requirement.name) or []]
+    return seen
+
+
+def test_the_image_installs_every_library_the_code_imports() -> None:
+    """The image gets only pyproject.toml's dependencies: each imported module must come from one of them."""
+    dependencies = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    installed = dependency_closure(dependencies)
+    for source_dir in PACKAGE_DIRS:
+        for module in sorted(imported_modules(ROOT / source_dir)):
+            try:
+                spec = importlib.util.find_spec(module)
+            except ModuleNotFoundError:
+                spec = None
+            if spec is None and "." in module and importlib.util.find_spec(module.rsplit(".", 1)[0]):
+                continue  # `from a import b` where b is not a module
+            assert spec is not None, f"{source_dir} imports {module}, which is not installed"
+            if spec.origin is None:
+                continue  # a namespace package: its modules are checked one by one
+            assert owner(module) in installed, f"{source_dir} imports {module}, not from a pyproject.toml dependency"
 
 
 def run_pip_wheel(context: Path, out: Path) -> Path:
