@@ -114,7 +114,7 @@ DEPLOYMENT_STATE = Gauge(
 )
 RETRIES = Counter(
     "llm_gateway_retries",
-    "Attempts after a retryable failure, by the model asked for and the deployment retried on.",
+    "Attempts after a retryable failure, by the configured model and the deployment retried on.",
     ("model", "deployment"),
 )
 FALLBACKS = Counter(

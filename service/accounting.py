@@ -7,6 +7,7 @@ cancellation): `RequestRecord.finish` runs in a `finally`.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 import uuid
 from typing import Any
@@ -28,6 +29,7 @@ from gateway.logs import get_logger
 from llm_gateway.v1 import chat_pb2
 
 log = get_logger("service")
+_PID = os.getpid()  # per worker: each is a process of its own, spawned fresh
 
 
 class RouteMetrics:
@@ -167,6 +169,7 @@ class RequestRecord:
             "status": status,
             "latency_ms": round(elapsed * 1000, 3),
             "upstream_ms": round(self.upstream_wait * 1000, 3),
+            "pid": _PID,
         }
         if usage is not None:
             attrs["prompt_tokens"] = usage.prompt_tokens
