@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.jsonpb import MessageCodec
 from llm_gateway.v1 import chat_pb2, chat_pb2_grpc
-from tests.fakes.upstream import FakeUpstream, chunks, completion
+from tests.fakes.upstream import FakeUpstream, chunks
 from tests.harness import GatewayProcess
 
 REQUEST = MessageCodec.for_type(chat_pb2.CreateChatCompletionRequest)
