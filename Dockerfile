@@ -29,12 +29,10 @@ RUN pip wheel --no-deps --wheel-dir /wheels . \
 FROM ${PYTHON_IMAGE} AS runtime
 LABEL org.opencontainers.image.title="llm-gateway" \
       org.opencontainers.image.description="An OpenAI-compatible LLM gateway: a gRPC ChatService behind a REST facade."
+# Ports and host come from the config (default 0.0.0.0, 8080 and 50051) or SERVER_HOST, SERVER_PORT, GRPC_PORT.
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
-    PYTHONUNBUFFERED=1 \
-    SERVER_HOST=0.0.0.0 \
-    SERVER_PORT=8080 \
-    GRPC_PORT=50051
+    PYTHONUNBUFFERED=1
 RUN groupadd --system --gid 10001 gateway \
  && useradd --system --uid 10001 --gid gateway --no-create-home --home-dir /app --shell /usr/sbin/nologin gateway
 COPY --from=builder /opt/venv /opt/venv
@@ -42,8 +40,9 @@ WORKDIR /app
 COPY config.yml ./config.yml
 USER gateway:gateway
 EXPOSE 8080 50051
-# Slim images have no curl: ask /healthz with the standard library. SERVER_PORT is the REST port.
+# Slim images have no curl: ask /healthz with the standard library, on the REST port the gateway's own config
+# loader resolves (CONFIG_PATH or ./config.yml, then SERVER_PORT).
 HEALTHCHECK --interval=15s --timeout=3s --start-period=10s --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('SERVER_PORT', '8080'), timeout=2)"]
+    CMD ["python", "-c", "import urllib.request; from gateway.config import load; urllib.request.urlopen(f'http://127.0.0.1:{load().server.port}/healthz', timeout=2)"]
 ENTRYPOINT ["llm-gateway"]
 CMD []

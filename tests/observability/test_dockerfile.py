@@ -27,6 +27,7 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
+import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
@@ -280,22 +281,31 @@ def test_the_image_built_from_what_the_builder_copies_serves_and_is_healthy(
     app.mkdir()
     for source in copy_sources(runtime):
         shutil.copy2(ROOT / source, app / Path(source).name)
-    env = {"PYTHONPATH": str(site)}
+    # As in the container: no port variables, the gateway and its HEALTHCHECK both read ./config.yml.
+    env = {
+        **{k: v for k, v in os.environ.items() if k not in ("CONFIG_PATH", "SERVER_PORT", "GRPC_PORT")},
+        "PYTHONPATH": str(site),
+    }
     probe = subprocess.run(
         [sys.executable, "-c", "import gateway, rest_facade; print(gateway.__file__, rest_facade.__file__)"],
         cwd=app,
-        env={**os.environ, **env},
+        env=env,
         capture_output=True,
         text=True,
         timeout=30,
     )
     assert probe.stdout.split() and all(Path(p).is_relative_to(site) for p in probe.stdout.split()), probe
 
-    gateway = GatewayProcess(None, app, env=env).start()
+    gateway = GatewayProcess(None, app)
+    config = yaml.safe_load((app / "config.yml").read_text())
+    config["server"].update(port=gateway.port, grpc_port=gateway.grpc_port)
+    (app / "config.yml").write_text(yaml.safe_dump(config))
+    gateway.env = {**env, "SERVER_HOST": "127.0.0.1"}
+    gateway.start()
     healthcheck = [sys.executable, *stages[-1].last("HEALTHCHECK").exec_form()[1:]]
     try:
-        healthy = subprocess.run(healthcheck, env={**os.environ, "SERVER_PORT": str(gateway.port)}, timeout=10)
-        assert healthy.returncode == 0, gateway.log_text()
+        healthy = subprocess.run(healthcheck, cwd=app, env=env, capture_output=True, text=True, timeout=10)
+        assert healthy.returncode == 0, healthy.stderr + gateway.log_text()
         request = urllib.request.Request(
             f"{gateway.base_url}/v1/chat/completions",
             data=json.dumps({"model": "dummy", "messages": [{"role": "user", "content": "hi"}]}).encode(),
@@ -306,7 +316,5 @@ def test_the_image_built_from_what_the_builder_copies_serves_and_is_healthy(
             assert json.loads(response.read())["object"] == "chat.completion"
     finally:
         assert gateway.stop() == 0, gateway.log_text()
-    unhealthy = subprocess.run(
-        healthcheck, env={**os.environ, "SERVER_PORT": str(gateway.port)}, capture_output=True, timeout=10
-    )
+    unhealthy = subprocess.run(healthcheck, cwd=app, env=env, capture_output=True, timeout=10)
     assert unhealthy.returncode != 0
