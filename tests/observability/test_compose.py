@@ -152,6 +152,9 @@ def test_grafana_provisioning_matches_grafanas_layout(resolved: dict[str, Any]) 
     assert bind_target(grafana, GRAFANA_PROVISIONING) == GRAFANA_PROVISIONING_DIR
     provisioning_dir = env.get("GF_PATHS_PROVISIONING", GRAFANA_PROVISIONING_DIR)
     assert provisioning_dir == GRAFANA_PROVISIONING_DIR
+    # The mount hides the image's own folders, so keep every one Grafana reads (it logs errors for missing ones).
+    for kind in ("datasources", "dashboards", "plugins", "alerting"):
+        assert (GRAFANA_PROVISIONING / kind).is_dir(), f"grafana/provisioning/{kind} is missing"
 
     # Datasources: one Prometheus, at the compose service's name and port, with the uid the dashboards use.
     datasource_files = sorted((GRAFANA_PROVISIONING / "datasources").glob("*.y*ml"))
@@ -164,6 +167,8 @@ def test_grafana_provisioning_matches_grafanas_layout(resolved: dict[str, Any]) 
     assert url.hostname == "prometheus"
     listen = command_flags(service(resolved, "prometheus")).get("--web.listen-address", f":{PROMETHEUS_PORT}")
     assert url.port == int(listen.rsplit(":", 1)[1])
+    scrape_interval = read_yaml(PROMETHEUS_CONFIG)["global"]["scrape_interval"]
+    assert prometheus[0]["jsonData"]["timeInterval"] == scrape_interval, "$__rate_interval derives from it"
     uid = prometheus[0]["uid"]
     for path in DASHBOARD_FILES:
         for panel in panels(load_dashboard(path)):
