@@ -87,15 +87,16 @@ def transcoding_handler(route: Route, backend: ChatBackend, max_timeout: float) 
         rid = request_id(headers)
         try:
             call = call_info(headers, rid, max_timeout)
-            body = request.body
+            body = request.body  # Sanic has read the whole body already, capped at REQUEST_MAX_SIZE
             try:
+                # request.args parses the query string lazily: only body-less rules pay for it.
                 message = route.decode(body, request.args if reads_query else _NO_QUERY, path_params)
             except JsonMappingError as exc:
                 raise body_error(exc, body) from None
         except GatewayError as error:
             log.info("request rejected", request_id=rid, status=error.http_status, error=error.message)
             return error_response(error, rid)
-        binding = route.pick(message)
+        binding = route.pick(message)  # one attribute read: the stream flag
         try:
             if binding.server_streaming:
                 await _stream(request, backend, binding, message, call, rid)
@@ -106,6 +107,7 @@ def transcoding_handler(route: Route, backend: ChatBackend, max_timeout: float) 
         except Exception:
             log.error("unexpected error", exc_info=True, request_id=rid, method=binding.method)
             return error_response(InternalError("The gateway failed to handle the request."), rid)
+        # Message -> orjson bytes through the codec's precomputed tables; Sanic sends the bytes as they are.
         return HTTPResponse(binding.response.dumps(reply), headers={REQUEST_ID: rid}, content_type=JSON)
 
     return handle

@@ -19,7 +19,8 @@ from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2
 
 from gateway.call import CallInfo
-from gateway.errors import GatewayError
+from gateway.errors import STATUS_DETAILS_KEY, GatewayError
+from gateway.logs import get_logger
 
 _HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 _READY_TIMEOUT = 2.0
@@ -30,8 +31,15 @@ _OPTIONS = (
 )
 
 
-def rpc_error(error: grpc.aio.AioRpcError) -> GatewayError:
-    return GatewayError.from_grpc(error.code(), error.details() or "", error.trailing_metadata())
+log = get_logger("rest")
+
+
+def rpc_error(error: grpc.aio.AioRpcError, method: str) -> GatewayError:
+    trailers: Any = error.trailing_metadata()
+    if not any(key == STATUS_DETAILS_KEY for key, _ in trailers or ()):
+        # Not an error the service answered with (it always adds details): the channel itself failed.
+        log.warning("grpc call failed", method=method, code=error.code().name, error=error.details() or "")
+    return GatewayError.from_grpc(error.code(), error.details() or "", trailers)
 
 
 class ChannelBackend:
@@ -62,7 +70,7 @@ class ChannelBackend:
             # Awaiting a grpc.aio call that gets cancelled cancels the RPC itself.
             response: Message = await self._unary[method](request, metadata=call.metadata, timeout=call.timeout)
         except grpc.aio.AioRpcError as error:
-            raise rpc_error(error) from None
+            raise rpc_error(error, method) from None
         return response
 
     async def stream(self, method: str, request: Message, call: CallInfo) -> AsyncIterator[Message]:
@@ -71,7 +79,7 @@ class ChannelBackend:
             async for message in rpc:
                 yield message
         except grpc.aio.AioRpcError as error:
-            raise rpc_error(error) from None
+            raise rpc_error(error, method) from None
         finally:
             # Closed early (client gone, or the caller stopped reading): end the RPC too. No-op when done.
             rpc.cancel()

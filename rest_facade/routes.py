@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -55,29 +55,36 @@ class Binding:
     descriptor: MethodDescriptor
 
 
-@dataclass(slots=True)
 class Route:
-    """One HTTP verb + path template, and the RPC or RPCs it reaches."""
+    """One HTTP verb + path template, and the RPC or RPCs it reaches; validated and precomputed once."""
 
-    http_method: str
-    path: str
-    sanic_path: str
-    unary: Binding | None = None
-    streaming: Binding | None = None
-    path_fields: tuple[str, ...] = ()
-    _query_fields: dict[str, Callable[[Sequence[str]], Any]] = field(default_factory=dict)
+    __slots__ = ("_query", "body", "codec", "http_method", "path", "path_fields", "sanic_path", "streaming", "unary")
+
+    def __init__(self, bindings: Sequence[Binding]) -> None:
+        first = bindings[0]
+        self.http_method = first.http_method
+        self.path = first.path
+        self.sanic_path = _VARIABLE.sub(r"<\1:str>", first.path)
+        self.path_fields = tuple(_VARIABLE.findall(first.path))
+        self.unary: Binding | None = None
+        self.streaming: Binding | None = None
+        for binding in bindings:
+            slot = "streaming" if binding.server_streaming else "unary"
+            if getattr(self, slot) is not None:
+                raise self._error(f"more than one {slot} RPC is bound to it")
+            setattr(self, slot, binding)
+        if len({b.request.descriptor.full_name for b in bindings}) > 1:
+            raise self._error("the RPCs sharing it take different requests")
+        if len({b.body for b in bindings}) > 1:
+            raise self._error("the RPCs sharing it have different body rules")
+        self.codec: MessageCodec[Any] = first.request
+        self.body = first.body
+        self._query: dict[str, Callable[[Sequence[str]], Any]] = {}
+        self._check_fields()
 
     @property
     def bindings(self) -> tuple[Binding, ...]:
         return tuple(b for b in (self.unary, self.streaming) if b is not None)
-
-    @property
-    def codec(self) -> MessageCodec[Any]:
-        return self.bindings[0].request
-
-    @property
-    def body(self) -> str:
-        return self.bindings[0].body
 
     def pick(self, request: Message) -> Binding:
         """The RPC for this request: the streaming one when both exist and the request asks to stream."""
@@ -90,56 +97,47 @@ class Route:
 
     def decode(self, body: bytes, query: Mapping[str, Sequence[str]], path_params: Mapping[str, str]) -> Message:
         """The request message for an HTTP request; raises JsonMappingError with the offending path."""
-        codec = self.codec
         message: Message
         if self.body == "*":
-            message = codec.loads(body)  # bytes straight to orjson: no str decode, no json_format
+            message = self.codec.loads(body)  # bytes straight to orjson: no str decode, no json_format
         elif self.body:
-            message = codec.decode({self.body: _loads_any(body)})
+            message = self.codec.decode({self.body: _loads_any(body)})
         else:
-            message = codec.decode(self._from_query(query))
+            # Unknown query parameters are ignored, as OpenAI and grpc-gateway do.
+            fields = self._query
+            message = self.codec.decode({key: fields[key](values) for key, values in query.items() if key in fields})
         for name, value in path_params.items():
             setattr(message, name, value)
         return message
 
-    def _from_query(self, query: Mapping[str, Sequence[str]]) -> dict[str, Any]:
-        fields = self._query_fields
-        # Unknown query parameters are ignored, as OpenAI and grpc-gateway do.
-        return {key: fields[key](values) for key, values in query.items() if key in fields}
+    def _error(self, problem: str) -> RouteConfigError:
+        return RouteConfigError(f"{self.http_method} {self.path}: {problem}")
 
-    def finish(self) -> None:
-        """Validate the bindings and precompute the query-string converters."""
-        bindings = self.bindings
-        if len({b.request.descriptor.full_name for b in bindings}) > 1:
-            raise RouteConfigError(f"{self.http_method} {self.path}: the RPCs sharing it take different requests")
-        if len({b.body for b in bindings}) > 1:
-            raise RouteConfigError(f"{self.http_method} {self.path}: the RPCs sharing it have different body rules")
+    def _check_fields(self) -> None:
         descriptor = self.codec.descriptor
         if self.unary is not None and self.streaming is not None:
             selector = descriptor.fields_by_name.get(STREAM_SELECTOR)
             if selector is None or selector.type != FieldDescriptor.TYPE_BOOL:
-                raise RouteConfigError(
-                    f"{self.http_method} {self.path}: a unary and a streaming RPC share it, but the request "
-                    f"has no bool field {STREAM_SELECTOR!r} to choose between them"
+                raise self._error(
+                    f"a unary and a streaming RPC share it, but the request has no bool field {STREAM_SELECTOR!r}"
+                    " to choose between them"
                 )
         for name in self.path_fields:
             path_field = descriptor.fields_by_name.get(name)
             if path_field is None or path_field.type != FieldDescriptor.TYPE_STRING or path_field.is_repeated:
-                raise RouteConfigError(f"{self.http_method} {self.path}: {{{name}}} is not a string field")
-        if self.body and self.body != "*":
-            body_field = descriptor.fields_by_name.get(self.body)
-            if body_field is None:
-                raise RouteConfigError(f"{self.http_method} {self.path}: body field {self.body!r} does not exist")
+                raise self._error(f"{{{name}}} is not a string field")
+        if self.body and self.body != "*" and self.body not in descriptor.fields_by_name:
+            raise self._error(f"body field {self.body!r} does not exist")
         if not self.body:
             for query_field in descriptor.fields:
                 converter = _query_converter(query_field)
                 if converter is not None and query_field.name not in self.path_fields:
-                    self._query_fields[query_field.name] = converter
+                    self._query[query_field.name] = converter
 
 
 def build_routes(service: ServiceDescriptor) -> list[Route]:
     """Every REST route of `service`, from its methods' google.api.http options."""
-    routes: dict[tuple[str, str], Route] = {}
+    grouped: dict[tuple[str, str], list[Binding]] = {}
     for method in service.methods:
         options = method.GetOptions()
         if not options.HasExtension(annotations_pb2.http):
@@ -147,22 +145,8 @@ def build_routes(service: ServiceDescriptor) -> list[Route]:
         rule = options.Extensions[annotations_pb2.http]
         for one in (rule, *rule.additional_bindings):
             binding = _binding(service, method, one)
-            key = (binding.http_method, binding.path)
-            route = routes.get(key)
-            if route is None:
-                route = routes[key] = Route(
-                    http_method=binding.http_method,
-                    path=binding.path,
-                    sanic_path=_VARIABLE.sub(r"<\1:str>", binding.path),
-                    path_fields=tuple(_VARIABLE.findall(binding.path)),
-                )
-            slot = "streaming" if binding.server_streaming else "unary"
-            if getattr(route, slot) is not None:
-                raise RouteConfigError(f"{key[0]} {key[1]}: more than one {slot} RPC is bound to it")
-            setattr(route, slot, binding)
-    for route in routes.values():
-        route.finish()
-    return list(routes.values())
+            grouped.setdefault((binding.http_method, binding.path), []).append(binding)
+    return [Route(bindings) for bindings in grouped.values()]
 
 
 def _binding(service: ServiceDescriptor, method: MethodDescriptor, rule: http_pb2.HttpRule) -> Binding:
