@@ -209,9 +209,10 @@ def test_process_survives_everything(stack: Stack) -> None:
 
 
 def test_facade_without_its_grpc_service(fake: FakeUpstream, tmp_path_factory: pytest.TempPathFactory) -> None:
-    """A facade-only process whose gRPC target is down: alive, not ready, and 503 for calls."""
+    """A facade-only process (GRPC_TARGET from the environment) whose gRPC service is down: alive, not
+    ready, and 503 for calls."""
     target = f"127.0.0.1:{free_port()}"
-    facade = GatewayProcess(gateway_config(fake), tmp_path_factory.mktemp("orphan"), args=("--grpc-target", target))
+    facade = GatewayProcess(gateway_config(fake), tmp_path_factory.mktemp("orphan"), env={"GRPC_TARGET": target})
     facade.start(wait_grpc=False)
     try:
         assert call(facade.base_url, "GET", "/healthz").status == 200
@@ -220,5 +221,6 @@ def test_facade_without_its_grpc_service(fake: FakeUpstream, tmp_path_factory: p
         assert post(facade.base_url, {**HELLO, "stream": True}).status == 503
         assert call(facade.base_url, "GET", "/v1/models").status == 503
         assert facade.process is not None and facade.process.poll() is None
+        assert facade.wait_log(lambda e: e["msg"] == "grpc call failed")["code"] == "UNAVAILABLE"
     finally:
         facade.stop()
