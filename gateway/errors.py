@@ -125,9 +125,18 @@ class GatewayError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def body(self) -> bytes:
-        """The OpenAI-shaped JSON body a REST client gets: the upstream's own when it sent one."""
-        if self.upstream_body and _is_openai_error(self.upstream_body):
-            return self.upstream_body
+        """The OpenAI-shaped JSON body a REST client gets: the upstream's own when it sent one (with
+        any of message, type, param and code it left out added, so SDKs always find them)."""
+        if self.upstream_body:
+            error = _openai_error(self.upstream_body)
+            if error is not None:
+                missing = _ERROR_KEYS.difference(error)
+                if not missing:
+                    return self.upstream_body
+                defaults = self.to_dict()["error"]
+                value = orjson.loads(self.upstream_body)
+                value["error"] = {**error, **{key: defaults[key] for key in _ERROR_KEYS if key in missing}}
+                return orjson.dumps(value)
         return orjson.dumps(self.to_dict())
 
     # ---------------------------------------------------------------- gRPC wire form
@@ -287,12 +296,16 @@ def _detail_from_trailers(trailers: Any) -> chat_pb2.ErrorDetail | None:
     return None
 
 
-def _is_openai_error(body: bytes) -> bool:
+_ERROR_KEYS = frozenset(("message", "type", "param", "code"))
+
+
+def _openai_error(body: bytes) -> dict[str, Any] | None:
     try:
         value = orjson.loads(body)
     except orjson.JSONDecodeError:
-        return False
-    return isinstance(value, dict) and isinstance(value.get("error"), dict)
+        return None
+    error = value.get("error") if isinstance(value, dict) else None
+    return error if isinstance(error, dict) else None
 
 
 def _parse_openai_error(body: bytes) -> tuple[str | None, str | None, str | None, str | None]:
@@ -301,9 +314,9 @@ def _parse_openai_error(body: bytes) -> tuple[str | None, str | None, str | None
         value = orjson.loads(body)
     except orjson.JSONDecodeError:
         return None, None, None, None
+    if isinstance(value, list) and value and isinstance(value[0], dict):  # Gemini may wrap errors in a list
+        value = value[0]
     error = value.get("error") if isinstance(value, dict) else None
-    if isinstance(error, list) and error and isinstance(error[0], dict):  # Gemini wraps errors in a list
-        error = error[0].get("error", error[0])
     if isinstance(error, str):
         return error, None, None, None
     if not isinstance(error, dict):

@@ -122,3 +122,17 @@ FALLBACKS = Counter(
     "Requests handed to a fallback model after every deployment of the model asked for failed.",
     ("model", "fallback"),
 )
+
+
+def _count_tasks() -> float:
+    import asyncio
+
+    try:
+        return float(len(asyncio.all_tasks()))
+    except RuntimeError:  # no running loop in this thread
+        return 0.0
+
+
+if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    # Leak checks read this next to prometheus-client's process_open_fds and process_resident_memory_bytes.
+    Gauge("llm_gateway_asyncio_tasks", "asyncio tasks alive in this worker's event loop.").set_function(_count_tasks)
