@@ -341,8 +341,9 @@ def test_every_dashboard_query_returns_data_and_token_totals_are_exact(
         eventually(tokens_exact, timeout=5)
         for kind in TOKEN_KINDS:
             assert token_totals(prometheus, kind) == expected_tokens(sent, kind), f"{kind} tokens"
-        for model, provider in {(s.model, s.provider) for s in sent}:
-            assert model and provider, "model and provider labels are never empty"
+        labelled = '{__name__=~"llm_gateway_((prompt|completion|total)_tokens|requests)_total", %s=""}'
+        for label in ("model", "provider"):
+            assert prometheus.vector(labelled % label) == {}, f"series with an empty {label} label"
         failed = prometheus.scalar('sum(llm_gateway_requests_total{outcome!~"2.."})')
         assert failed == sum(not s.ok for s in sent)
         assert (
