@@ -32,13 +32,16 @@ _OPTIONS = (
 
 
 log = get_logger("rest")
+_ROUTINE = (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)
 
 
 def rpc_error(error: grpc.aio.AioRpcError, method: str) -> GatewayError:
     trailers: Any = error.trailing_metadata()
     if not any(key == STATUS_DETAILS_KEY for key, _ in trailers or ()):
-        # Not an error the service answered with (it always adds details): the channel itself failed.
-        log.warning("grpc call failed", method=method, code=error.code().name, error=error.details() or "")
+        # Not an error the service answered with (it always adds details): the channel itself failed,
+        # or the deadline passed, which is routine.
+        report = log.info if error.code() in _ROUTINE else log.warning
+        report("grpc call failed", method=method, code=error.code().name, error=error.details() or "")
     return GatewayError.from_grpc(error.code(), error.details() or "", trailers)
 
 

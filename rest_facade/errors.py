@@ -7,11 +7,14 @@ path, wrong method, body too large, malformed HTTP) and anything unexpected all 
 
 from __future__ import annotations
 
+import asyncio
+
 from sanic import HTTPResponse, Request
 from sanic.exceptions import MethodNotAllowed, NotFound, PayloadTooLarge, RequestTimeout, SanicException
 from sanic.handlers import ErrorHandler
 
 from gateway.errors import (
+    ClientClosedError,
     GatewayError,
     InternalError,
     InvalidRequestError,
@@ -57,6 +60,8 @@ def from_sanic(request: Request | None, exc: BaseException) -> GatewayError:
     """The gateway error for an exception raised outside (or escaping) our handlers."""
     if isinstance(exc, GatewayError):
         return exc
+    if isinstance(exc, asyncio.CancelledError):  # Sanic's RequestCancelled: the client went away mid-request
+        return ClientClosedError("The client closed the request.")
     method = request.method if request is not None else "?"
     path = request.path if request is not None else "?"
     if isinstance(exc, NotFound):
