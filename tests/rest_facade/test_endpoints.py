@@ -214,3 +214,9 @@ def test_grpc_and_rest_see_the_same_result(stack: Stack, fake: FakeUpstream) -> 
     assert orjson.loads(orjson.dumps(grpc_chunks)) == rest_chunks
     assert len(rest_chunks) == len([e for e in events if e["choices"]])
     assert orjson.loads(orjson.dumps(grpc_models)) == rest_models
+
+
+def test_nothing_unexpected_was_logged(stack: Stack) -> None:
+    """Runs last in this module: disconnects, deadlines and bad requests above are all routine."""
+    for process in stack.processes:
+        assert [line for line in process.log_lines() if line["level"] == "ERROR"] == []
