@@ -7,6 +7,7 @@ orjson bytes. Nothing here is looked up per request that could be looked up at s
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import os
 from collections.abc import Callable, Coroutine
@@ -37,6 +38,7 @@ _HEALTHY = b'{"status":"ok"}'
 _READY = b'{"status":"ready"}'
 # Sanic's own response timeout must never beat the request deadline, which answers with a proper 504.
 _RESPONSE_TIMEOUT_MARGIN = 30.0
+_SHUTTING_DOWN = UpstreamUnavailableError("The gateway is shutting down; retry the request.")
 _names = itertools.count(1)
 
 
@@ -50,6 +52,7 @@ def build_app(config: Config, backend: ChatBackend, service: ServiceDescriptor) 
     app.config.ACCESS_LOG = False
     app.config.MOTD = False
     app.config.NOISY_EXCEPTIONS = False
+    app.ctx.draining = False  # set by RestServer.close once the grace period is over
     for route in build_routes(service):
         name = route.bindings[0].descriptor.name
         app.add_route(
@@ -144,6 +147,11 @@ async def _stream(
                         break
                     await response.send(sse.event(encode(chunk)))
             await response.send(sse.DONE, end_stream=True)
+        except asyncio.CancelledError:
+            if request.app.ctx.draining and not request.transport.is_closing():
+                # Shutting down, not a client gone: end the stream properly rather than cut it.
+                await response.send(sse.error_event(_SHUTTING_DOWN) + sse.DONE, end_stream=True)
+            raise
         except Exception:  # the response has started: nothing left to tell the client
             log.error("stream aborted", exc_info=True, request_id=rid, method=binding.method)
     finally:

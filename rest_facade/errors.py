@@ -21,6 +21,7 @@ from gateway.errors import (
     MethodNotAllowedError,
     NotFoundError,
     RequestTooLargeError,
+    UpstreamUnavailableError,
 )
 from gateway.jsonpb import JsonMappingError
 from gateway.logs import get_logger
@@ -60,7 +61,10 @@ def from_sanic(request: Request | None, exc: BaseException) -> GatewayError:
     """The gateway error for an exception raised outside (or escaping) our handlers."""
     if isinstance(exc, GatewayError):
         return exc
-    if isinstance(exc, asyncio.CancelledError):  # Sanic's RequestCancelled: the client went away mid-request
+    if isinstance(exc, asyncio.CancelledError):
+        if request is not None and getattr(request.app.ctx, "draining", False):
+            return UpstreamUnavailableError("The gateway is shutting down; retry the request.")
+        # Sanic's RequestCancelled: the client went away mid-request.
         return ClientClosedError("The client closed the request.")
     method = request.method if request is not None else "?"
     path = request.path if request is not None else "?"

@@ -29,6 +29,7 @@ log = get_logger("rest")
 SERVICE = chat_pb2.DESCRIPTOR.services_by_name["ChatService"]
 _BACKLOG = 1024
 _GRACE = 5.0
+_GOODBYE = 1.0
 
 
 class RestServer:
@@ -39,18 +40,21 @@ class RestServer:
         self._owns_backend = owns_backend
 
     async def close(self) -> None:
-        """Stop accepting, let requests in flight finish for a few seconds, then drop what is left."""
+        """Stop accepting, let requests in flight finish for a few seconds, then end what is left: a
+        waiting request gets a 503, a stream an error event and [DONE]."""
         server = self._server
         await server.before_stop()
         closing = server.close()
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + _GRACE
         # Sanic keeps open connections in a plain set and signals nothing when one goes idle: poll it,
         # closing keep-alive connections as soon as their request is done.
-        while server.connections and loop.time() < deadline:
-            for connection in list(server.connections):
-                connection.close_if_idle()
-            await asyncio.sleep(0.05)
+        await _drain(server.connections, loop.time() + _GRACE)
+        self.app.ctx.draining = True
+        for connection in list(server.connections):
+            task = getattr(connection, "_task", None)
+            if task is not None:
+                task.cancel()  # the handler sees CancelledError with ctx.draining set, and says goodbye
+        await _drain(server.connections, loop.time() + _GOODBYE)
         for connection in list(server.connections):
             connection.abort()
         if closing is not None:
@@ -58,6 +62,14 @@ class RestServer:
         await server.after_stop()
         if self._owns_backend:
             await self._backend.close()
+
+
+async def _drain(connections: set[Any], deadline: float) -> None:
+    loop = asyncio.get_running_loop()
+    while connections and loop.time() < deadline:
+        for connection in list(connections):
+            connection.close_if_idle()
+        await asyncio.sleep(0.05)
 
 
 def listen_socket(host: str, port: int) -> socket.socket:
