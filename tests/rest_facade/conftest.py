@@ -80,8 +80,9 @@ class Stack:
         return all(p.process is not None and p.process.poll() is None for p in self.processes)
 
     def stop(self) -> None:
-        for process in reversed(self.processes):
-            process.stop()
+        """SIGTERM, facade first; every process must exit cleanly."""
+        codes = [process.stop() for process in reversed(self.processes)]
+        assert codes == [0] * len(codes), [p.log_text()[-2000:] for p in self.processes]
 
 
 def start_stack(mode: str, config: dict[str, Any], workdir: Any) -> Stack:
