@@ -17,7 +17,7 @@ from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import Message
 from sanic import HTTPResponse, Request, Sanic
 
-from gateway import metrics
+from gateway import metrics, tracing
 from gateway.call import CallInfo, ChatBackend
 from gateway.config import Config
 from gateway.errors import GatewayError, InternalError, UpstreamUnavailableError
@@ -28,6 +28,7 @@ from . import sse
 from .errors import JSON, OpenAIErrorHandler, body_error, error_response
 from .headers import REQUEST_ID, call_info, request_id
 from .routes import Binding, Route, build_routes
+from .spans import ServerSpan
 
 log = get_logger("rest")
 
@@ -88,8 +89,23 @@ def transcoding_handler(route: Route, backend: ChatBackend, max_timeout: float) 
     async def handle(request: Request, **path_params: str) -> HTTPResponse | None:
         headers = request.headers
         rid = request_id(headers)
+        tracer = tracing.TRACER
+        if tracer is None:  # tracing off: one global read, no span work at all
+            return await transcode(request, path_params, rid, None)
+        span = ServerSpan(tracer, request, route.path)
+        status = 500
         try:
-            call = call_info(headers, rid, max_timeout)
+            response = await transcode(request, path_params, rid, span)
+            status = response.status if response is not None else 200  # None: an SSE stream was sent
+            return response
+        finally:
+            span.end(status, rid)
+
+    async def transcode(
+        request: Request, path_params: dict[str, str], rid: str, span: ServerSpan | None
+    ) -> HTTPResponse | None:
+        try:
+            call = call_info(request.headers, rid, max_timeout)
             body = request.body  # Sanic has read the whole body already, capped at REQUEST_MAX_SIZE
             try:
                 # request.args parses the query string lazily: only body-less rules pay for it.
@@ -99,6 +115,8 @@ def transcoding_handler(route: Route, backend: ChatBackend, max_timeout: float) 
         except GatewayError as error:
             log.info("request rejected", request_id=rid, status=error.http_status, error=error.message)
             return error_response(error, rid)
+        if span is not None:
+            call = span.carry(call)
         binding = route.pick(message)  # one attribute read: the stream flag
         try:
             if binding.server_streaming:

@@ -30,6 +30,7 @@ SERVICE = chat_pb2.DESCRIPTOR.services_by_name["ChatService"]
 _BACKLOG = 1024
 _GRACE = 5.0
 _GOODBYE = 1.0
+_touched_up = False
 
 
 class RestServer:
@@ -94,6 +95,10 @@ async def start_rest_server(config: Config, backend: ChatBackend | None) -> Rest
     if backend is None:
         backend = ChannelBackend(config.server.grpc_target, SERVICE)
     app = build_app(config, backend, SERVICE)
+    global _touched_up
+    # Sanic's touch-up rewrites its shared protocol classes and cannot run twice in one process.
+    app.config.TOUCHUP = not _touched_up
+    _touched_up = True
     port = config.server.port
     sock = listen_socket(config.server.host, port)
     server: Any = await app.create_server(
