@@ -112,6 +112,9 @@ class Balancer:
         """A deployment for the next attempt, preferring ones this request has not tried yet; None when
         every deployment is cooling down."""
         now = time.monotonic()
+        if len(self.states) == 1:  # the common case: no lists, no random draw
+            only = self.states[0]
+            return only if only.available(now) else None
         available = [s for s in self.states if s.available(now)]
         if not available:
             return None
