@@ -5,6 +5,7 @@ edge is a lookup, never an if-chain:
 
     GatewayError                      500 UNKNOWN            api_error
     ├── InvalidRequestError           400 INVALID_ARGUMENT   invalid_request_error
+    │   ├── RequestTimeoutError       408 INVALID_ARGUMENT   invalid_request_error
     │   └── RequestTooLargeError      413 INVALID_ARGUMENT   invalid_request_error
     ├── AuthenticationError           401 UNAUTHENTICATED    authentication_error
     ├── PermissionDeniedError         403 PERMISSION_DENIED  permission_error
@@ -17,6 +18,7 @@ edge is a lookup, never an if-chain:
     ├── UpstreamError                 the upstream's status, passed through with its body
     ├── BadGatewayError               502 UNAVAILABLE        api_error (upstream sent garbage)
     ├── UpstreamUnavailableError      503 UNAVAILABLE        api_error (refused, DNS, reset)
+    │   └── ShuttingDownError         503 UNAVAILABLE        api_error, code shutting_down
     └── UpstreamTimeoutError          504 DEADLINE_EXCEEDED  timeout
 
 Across the gRPC wire an error travels as a `google.rpc.Status` whose details hold an
@@ -182,6 +184,12 @@ class InvalidRequestError(GatewayError):
     type = "invalid_request_error"
 
 
+class RequestTimeoutError(InvalidRequestError):
+    """The client took too long to send its request."""
+
+    http_status = 408
+
+
 class RequestTooLargeError(InvalidRequestError):
     http_status = 413
 
@@ -242,6 +250,10 @@ class UpstreamUnavailableError(GatewayError):
     grpc_code = grpc.StatusCode.UNAVAILABLE
     http_status = 503
     code = "upstream_unavailable"
+
+
+class ShuttingDownError(UpstreamUnavailableError):
+    code = "shutting_down"
 
 
 class UpstreamTimeoutError(GatewayError):

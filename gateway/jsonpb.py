@@ -69,7 +69,8 @@ def _dumps_raw(value: Any) -> str:
 
 
 class MessageCodec(Generic[M]):
-    _cache: ClassVar[dict[str, MessageCodec[Any]]] = {}
+    # Keyed by the descriptor itself: two pools may define messages of the same full name.
+    _cache: ClassVar[dict[Descriptor, MessageCodec[Any]]] = {}
 
     @classmethod
     def for_type(cls, message_type: type[M]) -> MessageCodec[M]:
@@ -77,10 +78,10 @@ class MessageCodec(Generic[M]):
 
     @classmethod
     def _for_descriptor(cls, descriptor: Descriptor, message_type: type[Message]) -> MessageCodec[Any]:
-        codec = cls._cache.get(descriptor.full_name)
+        codec = cls._cache.get(descriptor)
         if codec is None:
             codec = cls(descriptor, message_type)
-            cls._cache[descriptor.full_name] = codec
+            cls._cache[descriptor] = codec
             codec._build()  # after caching, so recursive message types find themselves
         return codec
 

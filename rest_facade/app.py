@@ -20,7 +20,7 @@ from sanic import HTTPResponse, Request, Sanic
 from gateway import metrics, tracing
 from gateway.call import CallInfo, ChatBackend
 from gateway.config import Config
-from gateway.errors import GatewayError, InternalError, UpstreamUnavailableError
+from gateway.errors import GatewayError, InternalError, ShuttingDownError, UpstreamUnavailableError
 from gateway.jsonpb import JsonMappingError
 from gateway.logs import get_logger
 
@@ -39,7 +39,7 @@ _HEALTHY = b'{"status":"ok"}'
 _READY = b'{"status":"ready"}'
 # Sanic's own response timeout must never beat the request deadline, which answers with a proper 504.
 _RESPONSE_TIMEOUT_MARGIN = 30.0
-_SHUTTING_DOWN = UpstreamUnavailableError("The gateway is shutting down; retry the request.")
+_SHUTTING_DOWN = ShuttingDownError("The gateway is shutting down; retry the request.")
 _names = itertools.count(1)
 
 
@@ -129,9 +129,16 @@ def transcoding_handler(route: Route, backend: ChatBackend, max_timeout: float) 
             log.error("unexpected error", exc_info=True, request_id=rid, method=binding.method)
             return error_response(InternalError("The gateway failed to handle the request."), rid)
         # Message -> orjson bytes through the codec's precomputed tables; Sanic sends the bytes as they are.
-        return HTTPResponse(binding.response.dumps(reply), headers={REQUEST_ID: rid}, content_type=JSON)
+        return HTTPResponse(binding.response.dumps(reply), headers=_headers(rid, call), content_type=JSON)
 
     return handle
+
+
+def _headers(rid: str, call: CallInfo) -> dict[str, str]:
+    """x-request-id, and what answered (x-llm-gateway-model, -deployment, -attempts) once the service said."""
+    if call.response_metadata:
+        return {REQUEST_ID: rid, **call.response_metadata}
+    return {REQUEST_ID: rid}
 
 
 async def _stream(
@@ -147,7 +154,7 @@ async def _stream(
         except StopAsyncIteration:
             first = None
         # Headers go out only now, once the first message (or a clean empty end) has arrived.
-        response = await request.respond(headers={**sse.HEADERS, REQUEST_ID: rid}, content_type=sse.CONTENT_TYPE)
+        response = await request.respond(headers={**sse.HEADERS, **_headers(rid, call)}, content_type=sse.CONTENT_TYPE)
         try:
             if first is not None:
                 await response.send(sse.event(encode(first)))  # each send is one chunked write: flushed

@@ -45,6 +45,13 @@ def rpc_error(error: grpc.aio.AioRpcError, method: str) -> GatewayError:
     return GatewayError.from_grpc(error.code(), error.details() or "", trailers)
 
 
+def _answered_by(metadata: Any, call: CallInfo) -> None:
+    """The service's x-llm-gateway-* initial metadata (what answered) into the call, for the headers."""
+    for key, value in metadata or ():
+        if key.startswith("x-llm-gateway-") and isinstance(value, str):
+            call.response_metadata[key] = value
+
+
 class ChannelBackend:
     def __init__(self, target: str, service: ServiceDescriptor) -> None:
         self._service = service.full_name
@@ -71,15 +78,21 @@ class ChannelBackend:
     async def unary(self, method: str, request: Message, call: CallInfo) -> Message:
         try:
             # Awaiting a grpc.aio call that gets cancelled cancels the RPC itself.
-            response: Message = await self._unary[method](request, metadata=call.metadata, timeout=call.timeout)
+            rpc = self._unary[method](request, metadata=call.metadata, timeout=call.timeout)
+            response: Message = await rpc
+            _answered_by(await rpc.initial_metadata(), call)
         except grpc.aio.AioRpcError as error:
             raise rpc_error(error, method) from None
         return response
 
     async def stream(self, method: str, request: Message, call: CallInfo) -> AsyncIterator[Message]:
         rpc = self._stream[method](request, metadata=call.metadata, timeout=call.timeout)
+        first = True
         try:
             async for message in rpc:
+                if first:
+                    _answered_by(await rpc.initial_metadata(), call)
+                    first = False
                 yield message
         except grpc.aio.AioRpcError as error:
             raise rpc_error(error, method) from None

@@ -20,8 +20,9 @@ from gateway.errors import (
     InvalidRequestError,
     MethodNotAllowedError,
     NotFoundError,
+    RequestTimeoutError,
     RequestTooLargeError,
-    UpstreamUnavailableError,
+    ShuttingDownError,
 )
 from gateway.jsonpb import JsonMappingError
 from gateway.logs import get_logger
@@ -31,12 +32,6 @@ from .headers import REQUEST_ID, request_id
 JSON = "application/json"
 
 log = get_logger("rest")
-
-
-class RequestTimeoutError(InvalidRequestError):
-    """The client did not finish sending its request in time (Sanic's REQUEST_TIMEOUT)."""
-
-    http_status = 408
 
 
 def error_response(error: GatewayError, rid: str) -> HTTPResponse:
@@ -63,7 +58,7 @@ def from_sanic(request: Request | None, exc: BaseException) -> GatewayError:
         return exc
     if isinstance(exc, asyncio.CancelledError):
         if request is not None and getattr(request.app.ctx, "draining", False):
-            return UpstreamUnavailableError("The gateway is shutting down; retry the request.")
+            return ShuttingDownError("The gateway is shutting down; retry the request.")
         # Sanic's RequestCancelled: the client went away mid-request.
         return ClientClosedError("The client closed the request.")
     method = request.method if request is not None else "?"

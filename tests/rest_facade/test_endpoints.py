@@ -47,6 +47,19 @@ def test_stream_is_openai_sse(stack: Stack, fake: FakeUpstream) -> None:
     assert sse_json(reply.body) == expected
 
 
+def test_responses_say_what_answered(stack: Stack, fake: FakeUpstream) -> None:
+    answered = {
+        "x-llm-gateway-model": "gpt-4o",
+        "x-llm-gateway-deployment": f"openai/{UPSTREAM_MODEL}",
+        "x-llm-gateway-attempts": "1",
+    }
+    reply = post(stack.base_url, HELLO)
+    assert {k: reply.headers.get(k) for k in answered} == answered
+    fake.stream(chunks())
+    reply = post(stack.base_url, {**HELLO, "stream": True})
+    assert {k: reply.headers.get(k) for k in answered} == answered
+
+
 def test_stream_chunks_are_flushed_as_they_arrive(stack: Stack, fake: FakeUpstream) -> None:
     """The upstream sends two chunks and then holds the connection: both reach the client before any end."""
     events = chunks()[:2]

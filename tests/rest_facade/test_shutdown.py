@@ -38,6 +38,6 @@ def test_sigterm_ends_requests_in_flight_properly(fake: FakeUpstream, tmp_path: 
         rest = stream.read()
     events = sse_events(first + rest)
     assert events[-1] == b"[DONE]"
-    assert orjson.loads(events[-2])["error"]["code"] == "upstream_unavailable"
+    assert orjson.loads(events[-2])["error"]["code"] == "shutting_down"
     assert "shutting down" in orjson.loads(events[-2])["error"]["message"]
-    assert waiting[0].status == 503 and "shutting down" in waiting[0].error["message"]
+    assert waiting[0].status == 503 and waiting[0].error["code"] == "shutting_down"
