@@ -335,7 +335,7 @@ def _is_bool(value: Any) -> bool:
     return type(value) is bool
 
 
-_INTEGER_TYPES = (
+INTEGER_TYPES = (
     FieldDescriptor.TYPE_INT32,
     FieldDescriptor.TYPE_INT64,
     FieldDescriptor.TYPE_UINT32,
@@ -348,7 +348,7 @@ _INTEGER_TYPES = (
     FieldDescriptor.TYPE_SFIXED64,
 )
 _SCALAR_CHECKS: dict[int, tuple[Callable[[Any], bool], str]] = {
-    **{t: (_is_int, "an integer") for t in _INTEGER_TYPES},
+    **{t: (_is_int, "an integer") for t in INTEGER_TYPES},
     FieldDescriptor.TYPE_DOUBLE: (_is_number, "a number"),
     FieldDescriptor.TYPE_FLOAT: (_is_number, "a number"),
     FieldDescriptor.TYPE_STRING: (_is_str, "a string"),

@@ -29,7 +29,7 @@ from google.protobuf import message_factory
 from google.protobuf.descriptor import FieldDescriptor, MethodDescriptor, ServiceDescriptor
 from google.protobuf.message import Message
 
-from gateway.jsonpb import JsonMappingError, MessageCodec
+from gateway.jsonpb import INTEGER_TYPES, JsonMappingError, MessageCodec
 
 HTTP_VERBS = ("get", "put", "post", "delete", "patch")
 STREAM_SELECTOR = "stream"
@@ -221,19 +221,5 @@ _SCALAR_FROM_TEXT: dict[int, Callable[[str], Any]] = {
     FieldDescriptor.TYPE_BOOL: _bool,
     FieldDescriptor.TYPE_DOUBLE: _float,
     FieldDescriptor.TYPE_FLOAT: _float,
-    **{
-        kind: int
-        for kind in (
-            FieldDescriptor.TYPE_INT32,
-            FieldDescriptor.TYPE_INT64,
-            FieldDescriptor.TYPE_UINT32,
-            FieldDescriptor.TYPE_UINT64,
-            FieldDescriptor.TYPE_SINT32,
-            FieldDescriptor.TYPE_SINT64,
-            FieldDescriptor.TYPE_FIXED32,
-            FieldDescriptor.TYPE_FIXED64,
-            FieldDescriptor.TYPE_SFIXED32,
-            FieldDescriptor.TYPE_SFIXED64,
-        )
-    },
+    **dict.fromkeys(INTEGER_TYPES, int),
 }

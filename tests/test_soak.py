@@ -130,8 +130,10 @@ def test_soak_under_faults(gateway_factory: Callable[..., GatewayProcess]) -> No
         after = tokens(scrape(gateway))
         assert tuple(a - b for a, b in zip(after, before, strict=True)) == served
         fds_after, tasks_after, rss_after = _resources(gateway)
-        assert fds_after <= fds + 5, (fds, fds_after)
-        assert tasks_after <= tasks + 2, (tasks, tasks_after)
+        # Pools may hold a few more idle keep-alive connections than after the warm-up; a leak of one
+        # descriptor or task per failed request would show hundreds.
+        assert fds_after <= fds + 16, (fds, fds_after)
+        assert tasks_after <= tasks + 5, (tasks, tasks_after)
         assert rss_after <= rss + 20 * 2**20, (rss, rss_after)
     finally:
         main.stop()

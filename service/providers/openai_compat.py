@@ -86,6 +86,18 @@ class OpenAICompatibleProvider:
             )
         return cached
 
+    async def _post(
+        self, body: dict[str, Any], headers: dict[str, str], call: CallInfo, timeouts: Timeouts, first_at: float | None
+    ) -> aiohttp.ClientResponse:
+        """Send the request; return once the response headers are in, by `first_at` at the latest."""
+        async with asyncio.timeout_at(first_at):
+            return await self._client().post(
+                self.url,
+                data=orjson.dumps(body),
+                headers=self._headers_for(headers, call),
+                timeout=self._timeout(timeouts),
+            )
+
     async def complete(
         self, request: chat_pb2.CreateChatCompletionRequest, upstream_model: str, call: CallInfo, timeouts: Timeouts
     ) -> chat_pb2.ChatCompletion:
@@ -93,17 +105,9 @@ class OpenAICompatibleProvider:
         body["model"] = upstream_model
         if body.get("stream") is True:
             body["stream"] = False
-        start = asyncio.get_running_loop().time()
-        total_at = start + timeouts.total if timeouts.total else None
-        first_at = _earliest(start + timeouts.first_token if timeouts.first_token else None, total_at)
+        first_at, total_at = _deadlines(timeouts)
         try:
-            async with asyncio.timeout_at(first_at):
-                response = await self._client().post(
-                    self.url,
-                    data=orjson.dumps(body),
-                    headers=self._headers_for(self._headers, call),
-                    timeout=self._timeout(timeouts),
-                )
+            response = await self._post(body, self._headers, call, timeouts, first_at)
             try:
                 async with asyncio.timeout_at(total_at):
                     data = await response.read()
@@ -135,19 +139,11 @@ class OpenAICompatibleProvider:
         body["stream_options"] = (
             {**options, "include_usage": True} if type(options) is dict else {"include_usage": True}
         )
-        start = asyncio.get_running_loop().time()
-        total_at = start + timeouts.total if timeouts.total else None
-        first_at = _earliest(start + timeouts.first_token if timeouts.first_token else None, total_at)
+        first_at, total_at = _deadlines(timeouts)
         try:
             # Each timeout wraps one await and never a `yield`: a timeout spanning a yield would fire
             # in whatever the consumer is doing meanwhile.
-            async with asyncio.timeout_at(first_at):
-                response = await self._client().post(
-                    self.url,
-                    data=orjson.dumps(body),
-                    headers=self._headers_for(self._stream_headers, call),
-                    timeout=self._timeout(timeouts),
-                )
+            response = await self._post(body, self._stream_headers, call, timeouts, first_at)
             try:
                 if response.status != 200:
                     async with asyncio.timeout_at(total_at):
@@ -212,10 +208,14 @@ async def _sse_events(content: aiohttp.StreamReader) -> AsyncIterator[bytes]:
         yield data[0] if len(data) == 1 else b"\n".join(data)
 
 
-def _earliest(a: float | None, b: float | None) -> float | None:
-    if a is None:
-        return b
-    return a if b is None else min(a, b)
+def _deadlines(timeouts: Timeouts) -> tuple[float | None, float | None]:
+    """Loop times by which the first byte (or chunk) and the whole answer must have arrived."""
+    start = asyncio.get_running_loop().time()
+    total_at = start + timeouts.total if timeouts.total else None
+    if not timeouts.first_token:
+        return total_at, total_at
+    first_at = start + timeouts.first_token
+    return (first_at if total_at is None else min(first_at, total_at)), total_at
 
 
 def _passed_back(headers: Mapping[str, str]) -> dict[str, str]:
