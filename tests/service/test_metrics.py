@@ -124,7 +124,11 @@ def test_cancelled_stream(fakes: dict[str, FakeUpstream], start: Callable[..., A
     next(call)
     call.cancel()
     deadline = time.monotonic() + 10
-    while value(samples := scrape(gateway), "llm_gateway_requests_total", outcome="499") < 1:
+    # The service counts the request, then the gRPC layer counts the RPC: wait for both.
+    while (
+        value(samples := scrape(gateway), "llm_gateway_requests_total", outcome="499") < 1
+        or value(samples, "llm_gateway_grpc_server_handled_total", grpc_code="CANCELLED") < 1
+    ):
         assert time.monotonic() < deadline, "the cancelled stream was never counted"
         time.sleep(0.05)
     # Drained: the provider's final usage. Closed: only the usage that arrived, here none.
