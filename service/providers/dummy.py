@@ -105,6 +105,8 @@ class DummyProvider:
                 choices=choice,
             )
 
+        if delay:  # the latency is spread over the stream: before the first chunk and each piece
+            await asyncio.sleep(delay)
         for index in range(choices):
             yield chunk(chat_pb2.ChunkChoice(index=index, delta=chat_pb2.Delta(role="assistant", content="")))
         for piece in pieces:

@@ -16,6 +16,7 @@ from google.rpc import status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from gateway.config import parse
 from gateway.errors import STATUS_DETAILS_KEY
 from gateway.jsonpb import MessageCodec
 from llm_gateway.v1 import chat_pb2, chat_pb2_grpc
@@ -441,3 +442,16 @@ def test_drained_cancelled_stream_counts_the_final_usage(upstream: FakeUpstream,
     line = gateway.wait_log(lambda entry: entry.get("request_id") == "drained-1")
     assert line["status"] == 499
     assert (line["prompt_tokens"], line["completion_tokens"], line["total_tokens"]) == (9, 3, 12)
+
+
+def test_dummy_latency_is_configurable(gateway_factory: Any) -> None:
+    config = {"providers": {"dummy": {"latency_ms": 300}}, "models": {"slow-dummy": "dummy"}}
+    gateway = gateway_factory(config, args=("--grpc-only",))
+    request = REQUEST.decode({"model": "slow-dummy", "messages": [{"role": "user", "content": "x"}]})
+    with gateway.channel() as channel:
+        stub = chat_pb2_grpc.ChatServiceStub(channel)
+        stub.CreateChatCompletion(request, metadata=(("x-request-id", "slow-1"),), timeout=10)
+        list(stub.StreamChatCompletion(request, metadata=(("x-request-id", "slow-2"),), timeout=10))
+    for rid in ("slow-1", "slow-2"):  # the added latency shows in the service's own record of the request
+        assert gateway.wait_log(lambda entry, rid=rid: entry.get("request_id") == rid)["upstream_ms"] >= 300
+    assert parse({}, {}).providers["dummy"].latency_ms == 0  # none by default

@@ -164,7 +164,7 @@ class ContentPartList(_message.Message):
     def __init__(self, parts: _Optional[_Iterable[_Union[ContentPart, _Mapping]]] = ...) -> None: ...
 
 class ContentPart(_message.Message):
-    __slots__ = ("type", "text", "image_url", "input_audio", "file", "refusal", "extra")
+    __slots__ = ("type", "text", "image_url", "input_audio", "file", "refusal", "prompt_cache_breakpoint", "extra")
     class ExtraEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -178,6 +178,7 @@ class ContentPart(_message.Message):
     INPUT_AUDIO_FIELD_NUMBER: _ClassVar[int]
     FILE_FIELD_NUMBER: _ClassVar[int]
     REFUSAL_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_CACHE_BREAKPOINT_FIELD_NUMBER: _ClassVar[int]
     EXTRA_FIELD_NUMBER: _ClassVar[int]
     type: str
     text: str
@@ -185,8 +186,9 @@ class ContentPart(_message.Message):
     input_audio: InputAudio
     file: str
     refusal: str
+    prompt_cache_breakpoint: str
     extra: _containers.ScalarMap[str, str]
-    def __init__(self, type: _Optional[str] = ..., text: _Optional[str] = ..., image_url: _Optional[_Union[ImageUrl, _Mapping]] = ..., input_audio: _Optional[_Union[InputAudio, _Mapping]] = ..., file: _Optional[str] = ..., refusal: _Optional[str] = ..., extra: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    def __init__(self, type: _Optional[str] = ..., text: _Optional[str] = ..., image_url: _Optional[_Union[ImageUrl, _Mapping]] = ..., input_audio: _Optional[_Union[InputAudio, _Mapping]] = ..., file: _Optional[str] = ..., refusal: _Optional[str] = ..., prompt_cache_breakpoint: _Optional[str] = ..., extra: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class ImageUrl(_message.Message):
     __slots__ = ("url", "detail", "extra")
