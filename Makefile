@@ -20,6 +20,9 @@ run: setup
 test: setup
 	$(BIN)/python -m pytest
 
+bench: setup
+	$(BIN)/python -m bench
+
 proto: setup
 	$(BIN)/python tools/gen_proto.py
 

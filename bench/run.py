@@ -1,0 +1,269 @@
+"""The benchmark run: every path and scenario in one go, so the ratios between them hold."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from . import load, systems
+from .load import LoadResult
+from .procs import CpuSample, free_port, rss_table
+from .upstream import STREAM_CHUNKS, Nginx
+
+Target = Callable[[int, float], LoadResult]  # (concurrency, seconds) -> result
+
+PATHS = ("floor", "rest-inproc", "rest-separate", "grpc-direct")
+
+
+@dataclass
+class Options:
+    out: Path
+    seconds: float = 8.0
+    warmup: float = 2.0
+    workers: tuple[int, ...] = (1, 2)
+    concurrency: tuple[int, ...] = (1, 32)
+    kinds: tuple[str, ...] = ("unary", "stream")
+    paths: tuple[str, ...] = PATHS
+    litellm: bool = False
+    info_level: bool = True  # also measure the default INFO logging once
+    rss_pass: bool = True  # repeat the highest-concurrency scenarios to check RSS growth
+    smoke: bool = False
+
+
+@dataclass
+class Row:
+    path: str
+    workers: int
+    kind: str
+    concurrency: int
+    load: LoadResult
+    cpu_ms: float | None  # CPU of the system under test, all its processes, per request
+    cpu_split_ms: dict[str, float] = field(default_factory=dict)
+    run: int = 1
+    note: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "workers": self.workers,
+            "kind": self.kind,
+            "concurrency": self.concurrency,
+            "run": self.run,
+            **self.load.as_dict(),
+            "rps_per_worker": round(self.load.rps / max(1, self.workers), 1),
+            "cpu_ms_per_req": self.cpu_ms,
+            "cpu_split_ms_per_req": self.cpu_split_ms,
+            "note": self.note,
+        }
+
+
+@dataclass
+class Results:
+    rows: list[Row] = field(default_factory=list)
+    rss: list[dict[str, Any]] = field(default_factory=list)
+    failures: dict[str, str] = field(default_factory=dict)
+    started: float = field(default_factory=time.time)
+    # 1-minute load average before and after: other work on the machine skews every number.
+    load_before: float = field(default_factory=lambda: os.getloadavg()[0])
+    load_after: float = 0.0
+
+
+def _rest_target(url: str, kind: str, workdir: Path, authorization: str = "") -> Target:
+    body = load.request_body(f"bench-{kind}", kind == "stream")
+    return lambda c, s: load.wrk(url, body, c, s, workdir, LOADGEN_CPUS, authorization)
+
+
+def _grpc_target(address: str, kind: str) -> Target:
+    return lambda c, s: load.grpc(address, kind == "stream", c, s, LOADGEN_CPUS)
+
+
+# The load generators and nginx share one core; the gateway gets the other (it is not pinned, so a
+# second worker or gRPC's own threads may still use both). On a 1-core machine nothing is pinned.
+LOADGEN_CPUS: set[int] | None = {max(os.sched_getaffinity(0))} if len(os.sched_getaffinity(0)) > 1 else None
+
+
+def check_rest(url: str, kind: str, authorization: str = "") -> None:
+    """One request before measuring: the path answers correctly, so a fast error page is never timed."""
+    body = load.request_body(f"bench-{kind}", kind == "stream")
+    headers = {"content-type": "application/json", **({"authorization": authorization} if authorization else {})}
+    request = urllib.request.Request(url, data=body, headers=headers)
+    with urllib.request.urlopen(request, timeout=30) as response:
+        data = response.read()
+    if kind == "unary":
+        reply = orjson.loads(data)
+        if not reply.get("choices"):
+            raise RuntimeError(f"{url}: unexpected unary reply {data[:200]!r}")
+        return
+    events = [e for e in data.split(b"\n\n") if e.startswith(b"data: ")]
+    if events[-1] != b"data: [DONE]" or len(events) != STREAM_CHUNKS + 2:
+        raise RuntimeError(f"{url}: expected {STREAM_CHUNKS} chunks, usage and [DONE], got {len(events)} events")
+
+
+class Bench:
+    def __init__(self, options: Options) -> None:
+        self.o = options
+        self.results = Results()
+        # Configs, logs and nginx's prefix: a temp dir, never the output directory.
+        self.workdir = Path(tempfile.mkdtemp(prefix="bench-work-"))
+
+    def log(self, text: str) -> None:
+        print(f"[bench {time.strftime('%H:%M:%S')}] {text}", flush=True)
+
+    def measure(
+        self, path: str, workers: int, kind: str, target: Target, groups: dict[str, int], c: int, run: int = 1
+    ) -> Row:
+        if self.o.warmup > 0:
+            target(c, self.o.warmup)
+        before = {name: CpuSample.take([pid]) for name, pid in groups.items()}
+        result = target(c, self.o.seconds)
+        after = {name: CpuSample.take([pid]) for name, pid in groups.items()}
+        split = {name: round(after[name].since(before[name]) * 1000 / max(1, result.requests), 4) for name in groups}
+        row = Row(path, workers, kind, c, result, round(sum(split.values()), 4) if groups else None, split, run)
+        if result.errors:
+            row.note = f"{result.errors} errors"
+        self.results.rows.append(row)
+        cpu = f"{row.cpu_ms:.3f} ms CPU/req" if row.cpu_ms is not None else ""
+        self.log(
+            f"{path:<16} w={workers} {kind:<6} c={c:<3} run {run}: {result.rps:>9.1f} req/s  "
+            f"p50 {result.p50_ms:.3f} ms  p99 {result.p99_ms:.3f} ms  {cpu} {row.note}"
+        )
+        return row
+
+    def scenarios(
+        self, path: str, workers: int, targets: dict[str, Target], groups: dict[str, int], run: int = 1
+    ) -> None:
+        top = max(self.o.concurrency)
+        for kind in self.o.kinds:
+            for c in self.o.concurrency if run == 1 else (top,):
+                self.measure(path, workers, kind, targets[kind], groups, c, run)
+
+    def instance(
+        self, name: str, workers: int, paths: list[tuple[str, dict[str, Target], dict[str, int]]], roots: list[int]
+    ) -> None:
+        """Pass 1 (every scenario), RSS, pass 2 (the busiest scenarios again), RSS: growth between them."""
+        for path, targets, groups in paths:
+            self.scenarios(path, workers, targets, groups)
+        first = rss_table(roots)
+        if not self.o.rss_pass:
+            self.results.rss.append({"instance": name, "workers": workers, "pass1": first, "pass2": None})
+            return
+        for path, targets, groups in paths:
+            self.scenarios(path, workers, targets, groups, run=2)
+        self.results.rss.append({"instance": name, "workers": workers, "pass1": first, "pass2": rss_table(roots)})
+
+    # ------------------------------------------------------------------ the paths
+
+    def floor(self, nginx: Nginx) -> None:
+        targets = {}
+        for kind in self.o.kinds:
+            url = nginx.url(kind) + "/chat/completions"
+            check_rest(url, kind)
+            targets[kind] = _rest_target(url, kind, self.workdir)
+        assert nginx.process is not None
+        self.scenarios("floor", 0, targets, {"nginx": nginx.process.pid})
+
+    def inproc(
+        self, upstream: dict[str, str], workers: int, level: str = "WARNING", label: str = "rest-inproc"
+    ) -> None:
+        config = systems.gateway_config(upstream, level)
+        proc, rest, _ = systems.start_gateway(f"{label}-w{workers}", self.workdir, config, workers)
+        try:
+            url = f"http://127.0.0.1:{rest}/v1/chat/completions"
+            for kind in self.o.kinds:
+                check_rest(url, kind)
+            targets = {kind: _rest_target(url, kind, self.workdir) for kind in self.o.kinds}
+            if level == "WARNING":
+                self.instance(label, workers, [(label, targets, {"gateway": proc.pid})], [proc.pid])
+            else:  # the logging cost: the busiest scenarios only
+                top = max(self.o.concurrency)
+                for kind in self.o.kinds:
+                    self.measure(label, workers, kind, targets[kind], {"gateway": proc.pid}, top)
+        finally:
+            proc.stop()
+
+    def separate(self, upstream: dict[str, str], workers: int) -> None:
+        config = systems.gateway_config(upstream, "WARNING")
+        service, _, grpc_port = systems.start_gateway(
+            f"service-w{workers}", self.workdir, config, workers, grpc_only=True
+        )
+        procs = [service]
+        try:
+            paths: list[tuple[str, dict[str, Target], dict[str, int]]] = []
+            if "rest-separate" in self.o.paths:
+                facade, rest, _ = systems.start_gateway(
+                    f"facade-w{workers}", self.workdir, config, workers, grpc_target=f"127.0.0.1:{grpc_port}"
+                )
+                procs.append(facade)
+                url = f"http://127.0.0.1:{rest}/v1/chat/completions"
+                for kind in self.o.kinds:
+                    check_rest(url, kind)
+                targets = {kind: _rest_target(url, kind, self.workdir) for kind in self.o.kinds}
+                paths.append(("rest-separate", targets, {"facade": facade.pid, "service": service.pid}))
+            if "grpc-direct" in self.o.paths:
+                address = f"127.0.0.1:{grpc_port}"
+                paths.append(
+                    ("grpc-direct", {k: _grpc_target(address, k) for k in self.o.kinds}, {"service": service.pid})
+                )
+            self.instance("separate", workers, paths, [p.pid for p in procs])
+        finally:
+            for proc in reversed(procs):
+                proc.stop()
+
+    def litellm(self, upstream: dict[str, str], workers: int) -> None:
+        proc, port, auth = systems.start_litellm(self.workdir, upstream, workers)
+        try:
+            url = f"http://127.0.0.1:{port}/v1/chat/completions"
+            for kind in self.o.kinds:
+                check_rest(url, kind, auth)
+            targets = {kind: _rest_target(url, kind, self.workdir, auth) for kind in self.o.kinds}
+            self.instance("litellm", workers, [("litellm", targets, {"litellm": proc.pid})], [proc.pid])
+        finally:
+            proc.stop()
+
+    # ------------------------------------------------------------------ the run
+
+    def run(self) -> Results:
+        nginx = Nginx(self.workdir / "nginx", free_port(), LOADGEN_CPUS).start()
+        try:
+            upstream = {kind: nginx.url(kind) for kind in ("unary", "stream")}
+            if "floor" in self.o.paths:
+                self.floor(nginx)
+            for workers in self.o.workers:
+                if "rest-inproc" in self.o.paths:
+                    self.inproc(upstream, workers)
+                if {"rest-separate", "grpc-direct"} & set(self.o.paths):
+                    self.separate(upstream, workers)
+            if self.o.info_level and "rest-inproc" in self.o.paths:
+                self.inproc(upstream, 1, level="INFO", label="rest-inproc INFO log")
+            if self.o.litellm:
+                self.run_litellm(upstream)
+        finally:
+            nginx.stop()
+        self.results.load_after = os.getloadavg()[0]
+        shutil.rmtree(self.workdir, ignore_errors=True)  # kept when the run failed, for its logs
+        return self.results
+
+    def run_litellm(self, upstream: dict[str, str]) -> None:
+        problem = systems.litellm_status()
+        if problem is not None:
+            self.log(f"installing LiteLLM {systems.LITELLM_VERSION} into {systems.LITELLM_VENV}")
+            problem = systems.install_litellm()
+        if problem is not None:
+            self.results.failures["litellm"] = f"install failed: {problem}"
+            self.log(f"LiteLLM skipped: {problem}")
+            return
+        for workers in self.o.workers:
+            try:
+                self.litellm(upstream, workers)
+            except Exception as exc:  # reported in the results, never fatal to the rest of the bench
+                self.results.failures[f"litellm w={workers}"] = f"{type(exc).__name__}: {str(exc)[-500:]}"
+                self.log(f"LiteLLM w={workers} failed: {exc}")
