@@ -149,11 +149,14 @@ class OpenAICompatibleProvider:
                     async with asyncio.timeout_at(total_at):
                         error = await response.read()
                     raise UpstreamError(response.status, error, _passed_back(response.headers))
-                events = _sse_events(response.content)
+                events = sse_events(response.content.iter_any())
                 limit = first_at
                 while True:
-                    async with asyncio.timeout_at(limit):
+                    if limit is None:  # no deployment timeout: the service's own deadline still applies
                         data = await anext(events, None)
+                    else:
+                        async with asyncio.timeout_at(limit):
+                            data = await anext(events, None)
                     if data is None:
                         raise BadGatewayError(f"Provider {self.name} ended the stream without [DONE].")
                     if data == _DONE:
@@ -191,21 +194,33 @@ class OpenAICompatibleProvider:
             self._session = None
 
 
-async def _sse_events(content: aiohttp.StreamReader) -> AsyncIterator[bytes]:
-    """The `data` of each Server-Sent Event. Events end at a blank line; an event's several `data:`
-    lines join with newlines; comments (`:`) and other fields (event, id, retry) are skipped."""
-    data: list[bytes] = []
-    async for raw in content:
-        line = raw.rstrip(b"\r\n")
-        if not line:
-            if data:
-                yield data[0] if len(data) == 1 else b"\n".join(data)
-                data = []
-        elif line.startswith(b"data:"):
-            value = line[5:]
-            data.append(value[1:] if value.startswith(b" ") else value)
-    if data:  # a last event without its blank line
-        yield data[0] if len(data) == 1 else b"\n".join(data)
+async def sse_events(blocks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """The `data` of each Server-Sent Event in a byte stream read in blocks of any size.
+
+    Events end at a blank line; an event's several `data:` lines join with newlines; comments (`:`) and
+    other fields (event, id, retry) are skipped. One await per network read, not one per line: the
+    events that arrived together are split here.
+    """
+    buffer = b""
+    async for block in blocks:
+        buffer = buffer + block if buffer else block
+        if b"\r" in buffer:
+            buffer = buffer.replace(b"\r\n", b"\n")  # a lone trailing \r waits for its \n
+        *events, buffer = buffer.split(b"\n\n")
+        for event in events:
+            data = _event_data(event)
+            if data is not None:
+                yield data
+    data = _event_data(buffer)  # a last event without its blank line
+    if data is not None:
+        yield data
+
+
+def _event_data(event: bytes) -> bytes | None:
+    lines = [line[5:].removeprefix(b" ") for line in event.split(b"\n") if line.startswith(b"data:")]
+    if not lines:
+        return None
+    return lines[0] if len(lines) == 1 else b"\n".join(lines)
 
 
 def _deadlines(timeouts: Timeouts) -> tuple[float | None, float | None]:
