@@ -36,7 +36,7 @@ async def _worker(
 ) -> None:
     request = _request(stream)
     async with grpc.aio.insecure_channel(target, options=_OPTIONS) as channel:
-        stub = chat_pb2_grpc.ChatServiceStub(channel)
+        stub = chat_pb2_grpc.ChatServiceStub(channel)  # type: ignore[no-untyped-call]
         clock = time.perf_counter
         while (began := clock()) < stop_at:
             try:
