@@ -18,6 +18,8 @@ ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
 # Everything the wheel is built from (pyproject.toml lists the packages; readme = README.md).
 COPY pyproject.toml README.md ./
+# The OpenAPI spec the REST facade serves: rest_facade/openapi.yaml links to it, the wheel carries it.
+COPY openapi.yaml ./
 COPY gateway ./gateway
 COPY service ./service
 COPY rest_facade ./rest_facade

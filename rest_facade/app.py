@@ -25,6 +25,7 @@ from gateway.jsonpb import JsonMappingError
 from gateway.logs import get_logger
 
 from . import sse
+from .docs import add_docs_routes
 from .errors import JSON, OpenAIErrorHandler, body_error, error_response
 from .headers import REQUEST_ID, call_info, request_id
 from .routes import Binding, Route, build_routes
@@ -79,6 +80,7 @@ def build_app(config: Config, backend: ChatBackend, service: ServiceDescriptor) 
     app.add_route(healthz, "/healthz", methods=["GET"], name="healthz")
     app.add_route(readyz, "/readyz", methods=["GET"], name="readyz")
     app.add_route(prometheus, "/metrics", methods=["GET"], name="metrics")
+    add_docs_routes(app)
     return app
 
 
