@@ -30,6 +30,7 @@ from .router import Router
 from .spans import RequestSpans
 
 Chunks = AsyncIterator[chat_pb2.ChatCompletionChunk]
+MAX_CHOICES = 128  # OpenAI's limit on `n`
 
 
 class ChatCore:
@@ -311,6 +312,8 @@ def _validate(request: chat_pb2.CreateChatCompletionRequest) -> None:
         raise InvalidRequestError("You must provide a model parameter.", param="model")
     if not request.messages:
         raise InvalidRequestError("'messages' must be a non-empty array.", param="messages")
+    if request.HasField("n") and not 1 <= request.n <= MAX_CHOICES:
+        raise InvalidRequestError(f"Invalid 'n': {request.n}; it must be between 1 and {MAX_CHOICES}.", param="n")
 
 
 class _Pump:

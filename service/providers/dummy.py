@@ -16,6 +16,15 @@ from gateway.config import ProviderConfig, Timeouts
 from llm_gateway.v1 import chat_pb2
 
 _ids = itertools.count(1)
+# Keys OpenAI always sends, as null: they travel as raw JSON in `extra` (proto/README.md, rule 8).
+_LOGPROBS_NULL = {"logprobs": "null"}
+_REFUSAL_NULL = {"refusal": "null"}
+_OPEN_CHOICE = {"logprobs": "null", "finish_reason": "null"}
+
+
+def _open(index: int, delta: chat_pb2.Delta) -> chat_pb2.ChunkChoice:
+    """A chunk choice before the choice's last one: finish_reason is still null."""
+    return chat_pb2.ChunkChoice(index=index, delta=delta, extra=_OPEN_CHOICE)
 
 
 def _words(message: chat_pb2.ChatMessage) -> list[str]:
@@ -80,8 +89,9 @@ class DummyProvider:
             choices=[
                 chat_pb2.Choice(
                     index=i,
-                    message=chat_pb2.ResponseMessage(role="assistant", content=" ".join(words)),
+                    message=chat_pb2.ResponseMessage(role="assistant", content=" ".join(words), extra=_REFUSAL_NULL),
                     finish_reason=finish,
+                    extra=_LOGPROBS_NULL,
                 )
                 for i in range(choices)
             ],
@@ -108,16 +118,19 @@ class DummyProvider:
         if delay:  # the latency is spread over the stream: before the first chunk and each piece
             await asyncio.sleep(delay)
         for index in range(choices):
-            yield chunk(chat_pb2.ChunkChoice(index=index, delta=chat_pb2.Delta(role="assistant", content="")))
+            yield chunk(_open(index, chat_pb2.Delta(role="assistant", content="")))
         for piece in pieces:
             if delay:
                 await asyncio.sleep(delay)
             for index in range(choices):
-                yield chunk(chat_pb2.ChunkChoice(index=index, delta=chat_pb2.Delta(content=piece)))
+                yield chunk(_open(index, chat_pb2.Delta(content=piece)))
         for index in range(choices):
-            yield chunk(chat_pb2.ChunkChoice(index=index, delta=chat_pb2.Delta(), finish_reason=finish))
+            yield chunk(
+                chat_pb2.ChunkChoice(index=index, delta=chat_pb2.Delta(), finish_reason=finish, extra=_LOGPROBS_NULL)
+            )
         final = chunk()
         final.usage.CopyFrom(usage)
+        final.extra["choices"] = "[]"  # OpenAI's usage chunk has an empty choices list
         yield final
 
     async def close(self) -> None:

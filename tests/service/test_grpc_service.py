@@ -455,3 +455,12 @@ def test_dummy_latency_is_configurable(gateway_factory: Any) -> None:
     for rid in ("slow-1", "slow-2"):  # the added latency shows in the service's own record of the request
         assert gateway.wait_log(lambda entry, rid=rid: entry.get("request_id") == rid)["upstream_ms"] >= 300
     assert parse({}, {}).providers["dummy"].latency_ms == 0  # none by default
+
+
+@pytest.mark.parametrize("n", [0, -1, 129, 2_000_000])
+def test_n_is_bounded(stub: Any, n: int) -> None:
+    request = REQUEST.decode({"model": "dummy", "messages": [{"role": "user", "content": "x"}], "n": n})
+    with pytest.raises(grpc.RpcError) as info:
+        stub.CreateChatCompletion(request, timeout=5)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert _status_detail(info.value).param == "n"
