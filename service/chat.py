@@ -154,6 +154,9 @@ class ChatCore:
                     self._draining.add(task)
                     task.add_done_callback(self._draining.discard)
                 raise
+            except BaseException:  # the deadline ran out, or a bug: no verdict on the deployment
+                state.abandoned()
+                raise
             else:
                 state.succeeded()
             finally:

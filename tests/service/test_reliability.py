@@ -282,3 +282,22 @@ def test_client_cancel_during_backoff_cancels_the_retry(
     future.cancel()
     time.sleep(2.5)
     assert len(fakes["a"].received) == 1
+
+
+def test_a_stream_past_its_deadline_leaves_balancing_state_clean(
+    fakes: dict[str, FakeUpstream], gateway_factory: Callable[..., GatewayProcess]
+) -> None:
+    config = _config(fakes)
+    config["models"]["main"]["load_balancing"] = "least_inflight"
+    config["models"]["main"]["deployments"][1]["weight"] = 1
+    gateway = gateway_factory(config, args=("--grpc-only",))
+    stub = chat_pb2_grpc.ChatServiceStub(gateway.channel())
+    fakes["a"].stream(chunks(), delay=1.0)  # slower than the client's deadline
+    with pytest.raises(grpc.RpcError) as info:  # a tie goes to the first deployment, a
+        list(stub.StreamChatCompletion(STREAM, timeout=1.5))
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert len(fakes["a"].received) == 1 and not fakes["b"].received
+    fakes["a"].reply(200, completion())
+    # Had the timed-out stream kept counting as in flight on a, least_inflight would now send everything to b.
+    served = {_unary(stub)[1]["x-llm-gateway-deployment"] for _ in range(3)}
+    assert served == {"a"}
