@@ -226,6 +226,16 @@ class FakeUpstream:
     def hang(self) -> None:
         self.handler = self.hanging()
 
+    def by_stream_flag(self) -> None:
+        """The default completion for unary requests, the default chunks for `"stream": true` ones."""
+        unary, streamed = self.replying(200, completion()), self.streaming(chunks())
+
+        async def handle(request: web.Request) -> web.StreamResponse:
+            wants_stream = orjson.loads(await request.read()).get("stream") is True
+            return await (streamed if wants_stream else unary)(request)
+
+        self.handler = handle
+
     def script(self, *handlers: Handler) -> None:
         """Answer the next requests with these handlers in order, then go back to `handler`."""
         self._script.extend(handlers)

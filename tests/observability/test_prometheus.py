@@ -28,11 +28,10 @@ import grpc
 import orjson
 import pytest
 import yaml
-from aiohttp import web
 
 from gateway.jsonpb import MessageCodec
 from llm_gateway.v1 import chat_pb2, chat_pb2_grpc
-from tests.fakes.upstream import FakeUpstream, chunks, completion
+from tests.fakes.upstream import FakeUpstream
 from tests.harness import GatewayProcess, free_port
 from tests.observability.stack import DASHBOARD_FILES, expressions, load_dashboard, require_tool
 
@@ -158,21 +157,6 @@ class Sent:
     provider: str
     usage: tuple[int, int, int] | None
     ok: bool
-
-
-def answer_unary_or_stream(upstream: FakeUpstream) -> None:
-    """The fake upstream answers JSON or SSE, as the request asks."""
-    upstream.reply(200, completion())
-    unary = upstream.handler
-    upstream.stream(chunks())
-    streamed = upstream.handler
-    assert unary is not None and streamed is not None
-
-    async def handle(request: web.Request) -> web.StreamResponse:
-        body = orjson.loads(await request.read())
-        return await (streamed if body.get("stream") else unary)(request)
-
-    upstream.handler = handle
 
 
 def post_chat(gateway: GatewayProcess, body: dict[str, Any]) -> int:
@@ -308,7 +292,7 @@ def test_every_dashboard_query_returns_data_and_token_totals_are_exact(
     started = time.monotonic()
     broken = FakeUpstream().start()
     try:
-        answer_unary_or_stream(upstream)
+        upstream.by_stream_flag()
         broken.reply(500, {"error": {"message": "boom", "type": "server_error", "param": None, "code": None}})
         gateway = gateway_factory(
             {

@@ -11,11 +11,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
 import pytest
-from aiohttp import web
 
-from tests.fakes.upstream import FakeUpstream, chunks, completion
+from tests.fakes.upstream import FakeUpstream, completion
 from tests.harness import GatewayProcess, free_port
 
 OPENAI_KEY = "sk-test-provider-0123456789"
@@ -44,21 +42,6 @@ def gateway_config(fake: FakeUpstream, **server: Any) -> dict[str, Any]:
             "broken": "down",
         },
     }
-
-
-def answer_by_stream_flag(fake: FakeUpstream) -> None:
-    """The default completion for unary requests, the default chunks for `"stream": true` ones."""
-    fake.reply(200, completion())
-    unary = fake.handler
-    fake.stream(chunks())
-    streaming = fake.handler
-    assert unary is not None and streaming is not None
-
-    async def handle(request: web.Request) -> web.StreamResponse:
-        wants_stream = orjson.loads(await request.read()).get("stream") is True
-        return await (streaming if wants_stream else unary)(request)
-
-    fake.handler = handle
 
 
 @dataclass

@@ -11,7 +11,7 @@ import pytest
 
 from tests.fakes.upstream import FakeUpstream, chunks
 
-from .conftest import Stack, answer_by_stream_flag
+from .conftest import Stack
 
 NODE_DIR = Path(__file__).resolve().parent.parent / "node"
 
@@ -30,7 +30,7 @@ def node() -> str:
 
 
 def test_node_sdk_unary_and_stream(stack: Stack, fake: FakeUpstream, node: str) -> None:
-    answer_by_stream_flag(fake)
+    fake.by_stream_flag()
     done = subprocess.run(
         [node, "sdk_check.mjs", f"{stack.base_url}/v1", "gpt-4o"],
         cwd=NODE_DIR,

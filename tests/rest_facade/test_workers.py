@@ -10,7 +10,7 @@ import pytest
 from tests.fakes.upstream import FakeUpstream
 from tests.harness import GatewayProcess
 
-from .conftest import answer_by_stream_flag, gateway_config
+from .conftest import gateway_config
 from .rest import call, post
 
 HELLO = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
@@ -29,7 +29,7 @@ def test_two_workers_share_the_port_and_serve(workers: GatewayProcess, fake: Fak
         return sum(line["msg"] == "rest listening" for line in workers.log_lines()) == 2
 
     workers.wait_log(both_listening)
-    answer_by_stream_flag(fake)
+    fake.by_stream_flag()
     replies = [post(workers.base_url, {**HELLO, "stream": i % 2 == 1}) for i in range(20)]
     assert [r.status for r in replies] == [200] * 20
     assert call(workers.base_url, "GET", "/readyz").status == 200
