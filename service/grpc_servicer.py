@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from typing import Any, NoReturn
+from typing import Any
 
 import grpc
 
@@ -48,9 +48,13 @@ def _code_of(exc: BaseException) -> grpc.StatusCode:
     return grpc.StatusCode.UNKNOWN
 
 
-async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: GatewayError) -> NoReturn:
-    await context.abort(error.grpc_code, error.message, trailing_metadata=error.grpc_trailers())
-    raise AssertionError("unreachable")  # abort always raises
+async def _failed(
+    context: grpc.aio.ServicerContext[Any, Any], rpc: _RpcMetrics, started: float, exc: BaseException
+) -> None:
+    """Count the failed call; a gateway error ends it with its code and ErrorDetail (abort raises)."""
+    rpc.done(started, _code_of(exc))
+    if isinstance(exc, GatewayError):
+        await context.abort(exc.grpc_code, exc.message, trailing_metadata=exc.grpc_trailers())
 
 
 class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
@@ -66,9 +70,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             response = await self._core.create_chat_completion(request, call)
             await context.send_initial_metadata(tuple(call.response_metadata.items()))
         except BaseException as exc:
-            rpc.done(started, _code_of(exc))
-            if isinstance(exc, GatewayError):
-                await _abort(context, exc)
+            await _failed(context, rpc, started, exc)
             raise
         rpc.done(started, grpc.StatusCode.OK)
         return response
@@ -87,9 +89,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
                     first = False
                 yield chunk
         except BaseException as exc:
-            rpc.done(started, _code_of(exc))
-            if isinstance(exc, GatewayError):
-                await _abort(context, exc)
+            await _failed(context, rpc, started, exc)
             raise
         rpc.done(started, grpc.StatusCode.OK)
 
