@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -218,12 +218,16 @@ def _section(data: dict[str, Any], name: str) -> dict[str, Any]:
     return value
 
 
-def _server(spec: dict[str, Any]) -> ServerConfig:
-    defaults = ServerConfig()
-    known = set(ServerConfig.__dataclass_fields__)
+def _only_known_keys(spec: dict[str, Any], where: str, fields_of: type) -> None:
+    known = {f.name for f in fields(fields_of)}
     for key in spec:
         if key not in known:
-            raise ConfigError(f"server.{key}: unknown key (known: {', '.join(sorted(known))})")
+            raise ConfigError(f"{where}.{key}: unknown key (known: {', '.join(sorted(known))})")
+
+
+def _server(spec: dict[str, Any]) -> ServerConfig:
+    defaults = ServerConfig()
+    _only_known_keys(spec, "server", ServerConfig)
     target = str(spec.get("grpc_target") or "")
     if target and not re.fullmatch(r"[^\s:]+:\d{1,5}", target.removeprefix("dns:///")):
         raise ConfigError(f"server.grpc_target: {target!r} is not host:port")
@@ -347,10 +351,7 @@ def _deployment(where: str, model: str, spec: Any, providers: Mapping[str, Provi
 
 def _routing(spec: dict[str, Any]) -> RoutingConfig:
     defaults = RoutingConfig()
-    known = set(RoutingConfig.__dataclass_fields__)
-    for key in spec:
-        if key not in known:
-            raise ConfigError(f"routing.{key}: unknown key (known: {', '.join(sorted(known))})")
+    _only_known_keys(spec, "routing", RoutingConfig)
     return RoutingConfig(
         retries=_number(spec.get("retries", defaults.retries), "routing.retries", int),
         backoff_initial=_number(spec.get("backoff_initial", defaults.backoff_initial), "routing.backoff_initial"),
