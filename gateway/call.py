@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -38,7 +38,9 @@ class ChatBackend(Protocol):
 
     async def unary(self, method: str, request: Message, call: CallInfo) -> Message: ...
 
-    def stream(self, method: str, request: Message, call: CallInfo) -> AsyncIterator[Message]: ...
+    def stream(self, method: str, request: Message, call: CallInfo) -> AsyncIterator[Sequence[Message]]:
+        """A server-streaming call's messages in batches, never empty: those that were ready together."""
+        ...
 
     async def ready(self) -> bool: ...
 

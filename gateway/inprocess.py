@@ -4,7 +4,7 @@ handler calls the service's coroutine directly, with no serialization and no wir
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from google.protobuf.descriptor import ServiceDescriptor
@@ -23,15 +23,19 @@ class InProcessBackend:
         self._unary: dict[str, Callable[..., Any]] = {}
         self._stream: dict[str, Callable[..., Any]] = {}
         for method in service.methods:
-            table = self._stream if method.server_streaming else self._unary
-            table[f"/{service.full_name}/{method.name}"] = getattr(core, _snake(method.name))
+            # Not every RPC has its own coroutine: StreamChatCompletionBatches is a gRPC-only view of
+            # StreamChatCompletion, whose coroutine already yields batches.
+            implementation = getattr(core, _snake(method.name), None)
+            if implementation is not None:
+                table = self._stream if method.server_streaming else self._unary
+                table[f"/{service.full_name}/{method.name}"] = implementation
 
     async def unary(self, method: str, request: Message, call: CallInfo) -> Message:
         result: Message = await self._unary[method](request, call)
         return result
 
-    def stream(self, method: str, request: Message, call: CallInfo) -> AsyncIterator[Message]:
-        result: AsyncIterator[Message] = self._stream[method](request, call)
+    def stream(self, method: str, request: Message, call: CallInfo) -> AsyncIterator[Sequence[Message]]:
+        result: AsyncIterator[Sequence[Message]] = self._stream[method](request, call)
         return result
 
     async def ready(self) -> bool:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from google.protobuf.descriptor import ServiceDescriptor
@@ -40,8 +40,6 @@ _HEALTHY = b'{"status":"ok"}'
 _READY = b'{"status":"ready"}'
 # Sanic's own response timeout must never beat the request deadline, which answers with a proper 504.
 _RESPONSE_TIMEOUT_MARGIN = 30.0
-# Events read ahead of a slow client at most: backpressure still reaches the upstream.
-_READ_AHEAD = 32
 _SHUTTING_DOWN = ShuttingDownError("The gateway is shutting down; retry the request.")
 _names = itertools.count(1)
 
@@ -151,38 +149,32 @@ async def _stream(
     """Server-streaming RPC -> SSE. Errors before the first message raise (the caller answers with
     their real status); errors after it become an error event, then [DONE].
 
-    After the first message a task reads the rest ahead into a small queue, and each write sends
-    every event that is ready: chunks that arrived in one upstream read leave in one write, while a
-    chunk that arrives alone is still sent at once."""
-    chunks = backend.stream(binding.method, message, call)
+    The backend hands over messages in batches, those that were ready together (one upstream read),
+    and each batch leaves in one write: a fast stream costs a few sends, while a chunk that arrives
+    alone is still sent at once."""
+    batches = backend.stream(binding.method, message, call)
     encode = binding.response.dumps
-    reader: asyncio.Task[None] | None = None
     try:
-        try:
-            first: Message | None = await anext(chunks)
-        except StopAsyncIteration:
-            first = None
+        first = await anext(batches, None)
         # Headers go out only now, once the first message (or a clean empty end) has arrived.
         response = await request.respond(headers={**sse.HEADERS, **_headers(rid, call)}, content_type=sse.CONTENT_TYPE)
         try:
             if first is None:
                 await response.send(sse.DONE, end_stream=True)
                 return
-            await response.send(sse.event(encode(first)))  # each send is one chunked write: flushed
-            events: asyncio.Queue[bytes | None] = asyncio.Queue(_READ_AHEAD)
-            reader = asyncio.get_running_loop().create_task(_read_ahead(chunks, encode, events, rid, binding.method))
-            while True:
-                item = await events.get()
-                batch: list[bytes] = []
-                while item is not None:
-                    batch.append(item)
-                    if events.empty():
-                        break
-                    item = events.get_nowait()
-                if item is None:  # the end: [DONE] (after an error event, if any) is in the batch
-                    await response.send(b"".join(batch), end_stream=True)
-                    break
-                await response.send(b"".join(batch))
+            await response.send(sse.events(first, encode))  # each send is one chunked write: flushed
+            end = sse.DONE
+            try:
+                async for batch in batches:
+                    await response.send(sse.events(batch, encode))
+            except GatewayError as error:
+                end = sse.error_event(error) + sse.DONE
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.error("unexpected error mid-stream", exc_info=True, request_id=rid, method=binding.method)
+                end = sse.error_event(InternalError("The gateway failed mid-stream.")) + sse.DONE
+            await response.send(end, end_stream=True)
         except asyncio.CancelledError:
             if request.app.ctx.draining and not request.transport.is_closing():
                 # Shutting down, not a client gone: end the stream properly rather than cut it.
@@ -191,31 +183,7 @@ async def _stream(
         except Exception:  # the response has started: nothing left to tell the client
             log.error("stream aborted", exc_info=True, request_id=rid, method=binding.method)
     finally:
-        # Client gone (the task is cancelled) or stream over: stop the reader, close the backend call,
-        # which closes upstream.
-        if reader is not None:
-            reader.cancel()
-            await asyncio.gather(reader, return_exceptions=True)
-        aclose = getattr(chunks, "aclose", None)
+        # Client gone (the task is cancelled) or stream over: close the backend call, which closes upstream.
+        aclose = getattr(batches, "aclose", None)
         if aclose is not None:
             await aclose()
-
-
-async def _read_ahead(
-    chunks: AsyncIterator[Message],
-    encode: Callable[[Message], bytes],
-    events: asyncio.Queue[bytes | None],
-    rid: str,
-    method: str,
-) -> None:
-    """Encoded SSE events into `events`, then [DONE] and None; a failure becomes an error event first."""
-    try:
-        async for chunk in chunks:
-            await events.put(sse.event(encode(chunk)))
-        await events.put(sse.DONE)
-    except GatewayError as error:
-        await events.put(sse.error_event(error) + sse.DONE)
-    except Exception:
-        log.error("unexpected error mid-stream", exc_info=True, request_id=rid, method=method)
-        await events.put(sse.error_event(InternalError("The gateway failed mid-stream.")) + sse.DONE)
-    await events.put(None)

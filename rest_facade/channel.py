@@ -2,6 +2,11 @@
 RegisterXHandlerFromEndpoint. Generic over the service's methods: one multicallable per method, built
 once, with the messages' own SerializeToString / FromString.
 
+A server-streaming RPC whose `batched_stream` option names a batched twin (StreamChatCompletion ->
+StreamChatCompletionBatches) is called through the twin: grpc.aio costs about 100 us per message on
+each side, and the twin sends the chunks that were ready together as one message. A service without
+the twin (an older version) answers UNIMPLEMENTED, and the facade goes back to the plain RPC.
+
 A failed call comes back as the `GatewayError` it started as, rebuilt from the status and its
 `grpc-status-details-bin` trailer. A caller that is cancelled (the REST client went away) cancels the
 RPC, and the service then cancels its upstream request.
@@ -9,18 +14,20 @@ RPC, and the service then cancels its upstream request.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
 from google.protobuf import message_factory
-from google.protobuf.descriptor import ServiceDescriptor
+from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2
 
 from gateway.call import CallInfo
 from gateway.errors import STATUS_DETAILS_KEY, GatewayError
 from gateway.logs import get_logger
+from llm_gateway.v1 import chat_pb2
 
 _HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 _READY_TIMEOUT = 2.0
@@ -52,27 +59,63 @@ def _answered_by(metadata: Any, call: CallInfo) -> None:
             call.response_metadata[key] = value
 
 
+@dataclass(slots=True)
+class _Streaming:
+    """How one server-streaming method is called: plainly, or through its batched twin."""
+
+    plain: Any
+    batched: Any = None
+    field: str = ""  # the batch message's repeated field holding the messages
+
+
+def batched_twin(service: ServiceDescriptor, method: MethodDescriptor) -> tuple[MethodDescriptor, str] | None:
+    """The RPC named by `method`'s batched_stream option, and the field of its message that holds a
+    batch; None without the option. A twin that does not fit is a start-up error."""
+    options: Any = method.GetOptions()  # typeshed's protobuf stubs cannot type custom extensions
+    name: str = options.Extensions[chat_pb2.batched_stream]
+    if not name:
+        return None
+    twin = service.methods_by_name.get(name)
+    fields = twin.output_type.fields if twin is not None else []
+    if (
+        twin is None
+        or not twin.server_streaming
+        or twin.input_type is not method.input_type
+        or len(fields) != 1
+        or not fields[0].is_repeated
+        or fields[0].message_type is not method.output_type
+    ):
+        raise ValueError(f"{method.full_name}: batched_stream {name!r} is not a streaming RPC of batches of it")
+    return twin, fields[0].name
+
+
 class ChannelBackend:
     def __init__(self, target: str, service: ServiceDescriptor) -> None:
         self._service = service.full_name
         self._channel = grpc.aio.insecure_channel(target, options=_OPTIONS)
         self._unary: dict[str, Any] = {}
-        self._stream: dict[str, Any] = {}
+        self._stream: dict[str, _Streaming] = {}
         for method in service.methods:
             path = f"/{service.full_name}/{method.name}"
-            request_type = message_factory.GetMessageClass(method.input_type)
-            response_type = message_factory.GetMessageClass(method.output_type)
-            factory = self._channel.unary_stream if method.server_streaming else self._channel.unary_unary
-            table = self._stream if method.server_streaming else self._unary
-            table[path] = factory(
-                path,
-                request_serializer=request_type.SerializeToString,
-                response_deserializer=response_type.FromString,
-            )
+            if not method.server_streaming:
+                self._unary[path] = self._multicallable(service, method)
+                continue
+            streaming = self._stream[path] = _Streaming(self._multicallable(service, method))
+            twin = batched_twin(service, method)
+            if twin is not None:
+                streaming.batched, streaming.field = self._multicallable(service, twin[0]), twin[1]
         self._health = self._channel.unary_unary(
             _HEALTH_CHECK,
             request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
             response_deserializer=health_pb2.HealthCheckResponse.FromString,
+        )
+
+    def _multicallable(self, service: ServiceDescriptor, method: MethodDescriptor) -> Any:
+        factory = self._channel.unary_stream if method.server_streaming else self._channel.unary_unary
+        return factory(
+            f"/{service.full_name}/{method.name}",
+            request_serializer=message_factory.GetMessageClass(method.input_type).SerializeToString,
+            response_deserializer=message_factory.GetMessageClass(method.output_type).FromString,
         )
 
     async def unary(self, method: str, request: Message, call: CallInfo) -> Message:
@@ -85,8 +128,25 @@ class ChannelBackend:
             raise rpc_error(error, method) from None
         return response
 
-    async def stream(self, method: str, request: Message, call: CallInfo) -> AsyncIterator[Message]:
-        rpc = self._stream[method](request, metadata=call.metadata, timeout=call.timeout)
+    async def stream(self, method: str, request: Message, call: CallInfo) -> AsyncIterator[Sequence[Message]]:
+        streaming = self._stream[method]
+        if streaming.batched is not None:
+            rpc = streaming.batched(request, metadata=call.metadata, timeout=call.timeout)
+            try:
+                async for batch in self._messages(rpc, method, call):
+                    yield getattr(batch, streaming.field)
+                return
+            except GatewayError as error:
+                if error.grpc_code != grpc.StatusCode.UNIMPLEMENTED or call.response_metadata:
+                    raise
+            log.warning("the service has no batched stream; using the plain one", method=method)
+            streaming.batched = None
+        rpc = streaming.plain(request, metadata=call.metadata, timeout=call.timeout)
+        async for message in self._messages(rpc, method, call):
+            yield (message,)
+
+    @staticmethod
+    async def _messages(rpc: Any, method: str, call: CallInfo) -> AsyncIterator[Message]:
         first = True
         try:
             async for message in rpc:

@@ -8,6 +8,9 @@ A failure after the first event is an event of its own, `data: {"error": {...}}\
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from typing import Any
+
 import orjson
 
 from gateway.errors import GatewayError
@@ -23,6 +26,13 @@ _END = b"\n\n"
 
 def event(data: bytes) -> bytes:
     return _PREFIX + data + _END
+
+
+def events(messages: Sequence[Any], encode: Callable[[Any], bytes]) -> bytes:
+    """Several messages as the bytes of one write."""
+    if len(messages) == 1:
+        return _PREFIX + encode(messages[0]) + _END
+    return b"".join([_PREFIX + encode(message) + _END for message in messages])
 
 
 def error_event(error: GatewayError) -> bytes:

@@ -29,7 +29,7 @@ from .retry import Attempt, AttemptPlan, retryable
 from .router import Router
 from .spans import RequestSpans
 
-Chunks = AsyncIterator[chat_pb2.ChatCompletionChunk]
+Batches = AsyncIterator[list[chat_pb2.ChatCompletionChunk]]
 MAX_CHOICES = 128  # OpenAI's limit on `n`
 
 
@@ -106,7 +106,9 @@ class ChatCore:
 
     # ------------------------------------------------------------------ streaming
 
-    async def stream_chat_completion(self, request: chat_pb2.CreateChatCompletionRequest, call: CallInfo) -> Chunks:
+    async def stream_chat_completion(self, request: chat_pb2.CreateChatCompletionRequest, call: CallInfo) -> Batches:
+        """The stream in batches, never empty: the chunks that were ready together, as the provider
+        read them. Callers that want one chunk at a time flatten it (the gRPC StreamChatCompletion)."""
         record = RequestRecord(call, request.model, stream=True)
         spans = RequestSpans(tracing.TRACER, "StreamChatCompletion", request, call) if tracing.TRACER else None
         response_model, reasons = "", list[str]()
@@ -117,40 +119,43 @@ class ChatCore:
             plan = self.router.plan(request.model, time.monotonic() + timeout)
             deadline = asyncio.get_running_loop().time() + timeout
             wants_usage = request.stream_options.include_usage
-            attempt, chunks, first = await self._open_stream(plan, request, call, record, spans, deadline)
+            attempt, batches, first = await self._open_stream(plan, request, call, record, spans, deadline)
             state = attempt.state
             clock = time.perf_counter
-            chunk = first
+            batch = first
             try:
-                while chunk is not None:
+                while batch is not None:
                     now = clock()
                     if not record.first_chunk:
                         record.first_chunk = now
-                    if spans is not None:
-                        response_model = response_model or chunk.model
-                        reasons.extend(c.finish_reason for c in chunk.choices if c.HasField("finish_reason"))
-                    if chunk.HasField("usage"):
-                        record.usage = chunk.usage
-                        if not wants_usage:
-                            if not chunk.choices:
-                                chunk = await self._next_chunk(chunks, record, deadline)
-                                continue  # the usage-only chunk the client did not ask for
-                            chunk.ClearField("usage")
-                    if not wants_usage and "usage" in chunk.extra:
-                        del chunk.extra["usage"]  # the "usage": null that include_usage adds upstream
-                    record.chunks += 1
-                    yield chunk
-                    record.client_wait += clock() - now
-                    chunk = await self._next_chunk(chunks, record, deadline)
+                    out = batch
+                    for chunk in batch:
+                        if spans is not None:
+                            response_model = response_model or chunk.model
+                            reasons.extend(c.finish_reason for c in chunk.choices if c.HasField("finish_reason"))
+                        if chunk.HasField("usage"):
+                            record.usage = chunk.usage
+                            if not wants_usage:
+                                if not chunk.choices:  # the usage-only chunk the client did not ask for
+                                    out = [c for c in out if c is not chunk]
+                                    continue
+                                chunk.ClearField("usage")
+                        if not wants_usage and "usage" in chunk.extra:
+                            del chunk.extra["usage"]  # the "usage": null that include_usage adds upstream
+                    if out:
+                        record.chunks += len(out)
+                        yield out
+                        record.client_wait += clock() - now
+                    batch = await self._next_batch(batches, record, deadline)
             except GatewayError as exc:
                 state.failed(time.monotonic(), counts=retryable(exc))
                 record.upstream_failed(exc)
                 raise
             except (asyncio.CancelledError, GeneratorExit):
                 state.abandoned()
-                if isinstance(chunks, _Pump) and record.usage is None:
+                if isinstance(batches, _Pump) and record.usage is None:
                     handed_off = True
-                    task = asyncio.get_running_loop().create_task(self._drain_usage(chunks, record, spans, deadline))
+                    task = asyncio.get_running_loop().create_task(self._drain_usage(batches, record, spans, deadline))
                     self._draining.add(task)
                     task.add_done_callback(self._draining.discard)
                 raise
@@ -162,7 +167,7 @@ class ChatCore:
             finally:
                 record.metrics.in_flight.dec()
                 if not handed_off:
-                    await chunks.aclose()  # type: ignore[attr-defined]
+                    await batches.aclose()  # type: ignore[attr-defined]
         except BaseException as exc:
             raise record.failed(exc) from None
         finally:
@@ -179,63 +184,65 @@ class ChatCore:
         record: RequestRecord,
         spans: RequestSpans | None,
         deadline: float,
-    ) -> tuple[Attempt, Chunks, chat_pb2.ChatCompletionChunk | None]:
-        """Attempts until one yields its first chunk (or ends cleanly with none); that one is committed."""
+    ) -> tuple[Attempt, Batches, list[chat_pb2.ChatCompletionChunk] | None]:
+        """Attempts until one yields its first chunks (or ends cleanly with none); that one is committed."""
         error: GatewayError | None = None
         while (attempt := plan.next(error)) is not None:
             upstream_call = await self._begin(attempt, request, call, record, spans)
             state, deployment = attempt.state, attempt.state.deployment
-            chunks: Chunks = aiter(
+            batches: Batches = aiter(
                 state.provider.stream(request, deployment.upstream_model, upstream_call, deployment.timeouts)
             )
             if self._drain:
                 # The upstream is read in a task of its own, so a client that goes away cancels only us.
-                chunks = _Pump(chunks)
+                batches = _Pump(batches)
             try:
-                first = await self._next_chunk(chunks, record, deadline)
+                first = await self._next_batch(batches, record, deadline)
             except GatewayError as exc:
                 error = exc
-                await chunks.aclose()  # type: ignore[attr-defined]
+                await batches.aclose()  # type: ignore[attr-defined]
                 record.metrics.in_flight.dec()
                 self._attempt_failed(attempt, exc, record, spans)
                 continue
             except BaseException:
-                await chunks.aclose()  # type: ignore[attr-defined]
+                await batches.aclose()  # type: ignore[attr-defined]
                 record.metrics.in_flight.dec()
                 state.abandoned()
                 raise
             self._answered(attempt, call)
-            return attempt, chunks, first
+            return attempt, batches, first
         raise self._exhausted(plan, error)
 
     @staticmethod
-    async def _next_chunk(
-        chunks: Chunks, record: RequestRecord, deadline: float
-    ) -> chat_pb2.ChatCompletionChunk | None:
+    async def _next_batch(
+        batches: Batches, record: RequestRecord, deadline: float
+    ) -> list[chat_pb2.ChatCompletionChunk] | None:
         record.in_upstream = True
         waited = time.perf_counter()
         try:
-            # The deadline covers the whole stream; it wraps each wait, never a yield to the caller.
+            # The deadline covers the whole stream; it wraps each wait (one timer per network read),
+            # never a yield to the caller.
             async with asyncio.timeout_at(deadline):
-                return await anext(chunks, None)
+                return await anext(batches, None)
         finally:
             record.upstream_wait += time.perf_counter() - waited
             record.in_upstream = False
 
     async def _drain_usage(
-        self, chunks: _Pump, record: RequestRecord, spans: RequestSpans | None, deadline: float
+        self, batches: _Pump, record: RequestRecord, spans: RequestSpans | None, deadline: float
     ) -> None:
         """Read a stream its client left until the provider's final usage, so it is counted exactly."""
         try:
             async with asyncio.timeout_at(deadline):
-                async for chunk in chunks:
-                    if chunk.HasField("usage"):
-                        record.usage = chunk.usage
+                async for batch in batches:
+                    usage = next((chunk.usage for chunk in batch if chunk.HasField("usage")), None)
+                    if usage is not None:
+                        record.usage = usage
                         break
         except Exception:  # the client is gone; what matters is what was counted
             pass
         finally:
-            await chunks.aclose()
+            await batches.aclose()
             record.finish()
             if spans is not None:
                 spans.finish(record)
@@ -324,7 +331,7 @@ class _Pump:
 
     _END = object()
 
-    def __init__(self, source: Chunks) -> None:
+    def __init__(self, source: Batches) -> None:
         self._source = source
         self._queue: asyncio.Queue[object] = asyncio.Queue(maxsize=8)
         self._task = asyncio.get_running_loop().create_task(self._run())
@@ -342,7 +349,7 @@ class _Pump:
     def __aiter__(self) -> _Pump:
         return self
 
-    async def __anext__(self) -> chat_pb2.ChatCompletionChunk:
+    async def __anext__(self) -> list[chat_pb2.ChatCompletionChunk]:
         item = await self._queue.get()
         if item is self._END:
             raise StopAsyncIteration

@@ -25,9 +25,11 @@ class Provider(Protocol):
 
     def stream(
         self, request: chat_pb2.CreateChatCompletionRequest, upstream_model: str, call: CallInfo, timeouts: Timeouts
-    ) -> AsyncIterator[chat_pb2.ChatCompletionChunk]:
-        """The chunks of a streamed completion, always ending with a usage chunk when the upstream
-        reports usage. Closing the iterator closes the upstream request."""
+    ) -> AsyncIterator[list[chat_pb2.ChatCompletionChunk]]:
+        """The chunks of a streamed completion in batches, never empty: the chunks that arrived
+        together (one network read) in one list, so a fast stream costs one step per read, not one per
+        token. The last chunk is a usage chunk when the upstream reports usage. Closing the iterator
+        closes the upstream request."""
         ...
 
     async def close(self) -> None: ...

@@ -100,7 +100,7 @@ class DummyProvider:
 
     async def stream(
         self, request: chat_pb2.CreateChatCompletionRequest, upstream_model: str, call: CallInfo, timeouts: Timeouts
-    ) -> AsyncIterator[chat_pb2.ChatCompletionChunk]:
+    ) -> AsyncIterator[list[chat_pb2.ChatCompletionChunk]]:
         completion_id, choices, words, finish, usage = self._plan(request, upstream_model)
         created = int(time.time())
         pieces = [word if i == 0 else " " + word for i, word in enumerate(words)]
@@ -115,23 +115,24 @@ class DummyProvider:
                 choices=choice,
             )
 
-        if delay:  # the latency is spread over the stream: before the first chunk and each piece
-            await asyncio.sleep(delay)
-        for index in range(choices):
-            yield chunk(_open(index, chat_pb2.Delta(role="assistant", content="")))
-        for piece in pieces:
-            if delay:
-                await asyncio.sleep(delay)
-            for index in range(choices):
-                yield chunk(_open(index, chat_pb2.Delta(content=piece)))
-        for index in range(choices):
-            yield chunk(
-                chat_pb2.ChunkChoice(index=index, delta=chat_pb2.Delta(), finish_reason=finish, extra=_LOGPROBS_NULL)
-            )
+        steps = [[chunk(_open(index, chat_pb2.Delta(role="assistant", content=""))) for index in range(choices)]]
+        steps += [[chunk(_open(index, chat_pb2.Delta(content=piece))) for index in range(choices)] for piece in pieces]
+        last = [
+            chunk(chat_pb2.ChunkChoice(index=index, delta=chat_pb2.Delta(), finish_reason=finish, extra=_LOGPROBS_NULL))
+            for index in range(choices)
+        ]
         final = chunk()
         final.usage.CopyFrom(usage)
         final.extra["choices"] = "[]"  # OpenAI's usage chunk has an empty choices list
-        yield final
+        last.append(final)
+        if not delay:  # everything is ready at once: one batch
+            yield [c for step in steps for c in step] + last
+            return
+        # The latency is spread over the stream: before the first chunk and before each piece.
+        steps[-1] += last
+        for step in steps:
+            await asyncio.sleep(delay)
+            yield step
 
     async def close(self) -> None:
         return None

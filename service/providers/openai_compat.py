@@ -129,7 +129,7 @@ class OpenAICompatibleProvider:
 
     async def stream(
         self, request: chat_pb2.CreateChatCompletionRequest, upstream_model: str, call: CallInfo, timeouts: Timeouts
-    ) -> AsyncIterator[chat_pb2.ChatCompletionChunk]:
+    ) -> AsyncIterator[list[chat_pb2.ChatCompletionChunk]]:
         body = _REQUEST.encode(request)
         body["model"] = upstream_model
         body["stream"] = True
@@ -149,21 +149,31 @@ class OpenAICompatibleProvider:
                     async with asyncio.timeout_at(total_at):
                         error = await response.read()
                     raise UpstreamError(response.status, error, _passed_back(response.headers))
-                events = sse_events(response.content.iter_any())
+                batches = sse_batches(response.content.iter_any())
                 limit = first_at
                 while True:
                     if limit is None:  # no deployment timeout: the service's own deadline still applies
-                        data = await anext(events, None)
+                        batch = await anext(batches, None)
                     else:
                         async with asyncio.timeout_at(limit):
-                            data = await anext(events, None)
-                    if data is None:
+                            batch = await anext(batches, None)
+                    if batch is None:
                         raise BadGatewayError(f"Provider {self.name} ended the stream without [DONE].")
-                    if data == _DONE:
-                        response.release()  # the body is done: the connection goes back to the pool
-                        return
+                    chunks: list[chat_pb2.ChatCompletionChunk] = []
+                    for data in batch:
+                        if data == _DONE:
+                            response.release()  # the body is done: the connection goes back to the pool
+                            if chunks:
+                                yield chunks
+                            return
+                        try:
+                            chunks.append(self._chunk(data))
+                        except GatewayError:
+                            if chunks:  # what arrived before the bad event still reaches the client
+                                yield chunks
+                            raise
                     limit = total_at
-                    yield self._chunk(data)
+                    yield chunks
             finally:
                 response.close()  # no-op after release(); otherwise the upstream sees the connection close
         except GatewayError:
@@ -194,12 +204,13 @@ class OpenAICompatibleProvider:
             self._session = None
 
 
-async def sse_events(blocks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    """The `data` of each Server-Sent Event in a byte stream read in blocks of any size.
+async def sse_batches(blocks: AsyncIterator[bytes]) -> AsyncIterator[list[bytes]]:
+    """The `data` of Server-Sent Events in a byte stream read in blocks of any size: one list per
+    block, of the events that block completed (blocks that complete none yield nothing).
 
     Events end at a blank line; an event's several `data:` lines join with newlines; comments (`:`) and
-    other fields (event, id, retry) are skipped. One await per network read, not one per line: the
-    events that arrived together are split here.
+    other fields (event, id, retry) are skipped. One await per network read, not one per line or event:
+    the events that arrived together are split here, in memory.
     """
     buffer = b""
     async for block in blocks:
@@ -207,13 +218,12 @@ async def sse_events(blocks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         if b"\r" in buffer:
             buffer = buffer.replace(b"\r\n", b"\n")  # a lone trailing \r waits for its \n
         *events, buffer = buffer.split(b"\n\n")
-        for event in events:
-            data = _event_data(event)
-            if data is not None:
-                yield data
+        batch = [data for event in events if (data := _event_data(event)) is not None]
+        if batch:
+            yield batch
     data = _event_data(buffer)  # a last event without its blank line
     if data is not None:
-        yield data
+        yield [data]
 
 
 def _event_data(event: bytes) -> bytes | None:

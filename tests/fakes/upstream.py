@@ -145,22 +145,28 @@ class FakeUpstream:
         return handle
 
     def streaming(
-        self, events: list[Any], done: bool = True, delay: float = 0.0, hold: bool = False, drop: bool = False
+        self,
+        events: list[Any],
+        done: bool = True,
+        delay: float = 0.0,
+        hold: bool = False,
+        drop: bool = False,
+        together: bool = False,
     ) -> Handler:
         """SSE: one `data:` event per item (dicts become JSON). `hold` keeps the connection open after
-        the events; `drop` closes it abruptly, without ending the chunked body."""
+        the events; `drop` closes it abruptly, without ending the chunked body; `together` sends every
+        event (and [DONE]) in one write, so the gateway reads them in one go."""
 
         async def handle(request: web.Request) -> web.StreamResponse:
             response = web.StreamResponse(headers={"content-type": "text/event-stream"})
             await response.prepare(request)
             try:
-                for event in events:
-                    data = event if isinstance(event, bytes) else orjson.dumps(event)
-                    await response.write(b"data: " + data + b"\n\n")
+                frames = [b"data: " + (e if isinstance(e, bytes) else orjson.dumps(e)) + b"\n\n" for e in events]
+                frames += [b"data: [DONE]\n\n"] if done else []
+                for frame in [b"".join(frames)] if together else frames:
+                    await response.write(frame)
                     if delay:
                         await asyncio.sleep(delay)
-                if done:
-                    await response.write(b"data: [DONE]\n\n")
                 if drop:  # close after flushing what was written, without ending the chunked body
                     assert request.transport is not None
                     request.transport.close()
@@ -220,8 +226,10 @@ class FakeUpstream:
     def reply(self, status: int, body: Any, headers: dict[str, str] | None = None) -> None:
         self.handler = self.replying(status, body, headers)
 
-    def stream(self, events: list[Any], done: bool = True, delay: float = 0.0, hold: bool = False) -> None:
-        self.handler = self.streaming(events, done=done, delay=delay, hold=hold)
+    def stream(
+        self, events: list[Any], done: bool = True, delay: float = 0.0, hold: bool = False, together: bool = False
+    ) -> None:
+        self.handler = self.streaming(events, done=done, delay=delay, hold=hold, together=together)
 
     def hang(self) -> None:
         self.handler = self.hanging()

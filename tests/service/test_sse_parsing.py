@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from service.providers.openai_compat import sse_events
+from service.providers.openai_compat import sse_batches
 
 STREAM = (
     b": keep-alive comment\n\n"
@@ -21,15 +21,19 @@ STREAM = (
 EXPECTED = [b'{"a": 1}', b'{"b":\n2}', b'{"c": 3}', b"[DONE]"]
 
 
-def _read(blocks: list[bytes]) -> list[bytes]:
+def _batches(blocks: list[bytes]) -> list[list[bytes]]:
     async def source() -> AsyncIterator[bytes]:
         for block in blocks:
             yield block
 
-    async def collect() -> list[bytes]:
-        return [event async for event in sse_events(source())]
+    async def collect() -> list[list[bytes]]:
+        return [batch async for batch in sse_batches(source())]
 
     return asyncio.run(collect())
+
+
+def _read(blocks: list[bytes]) -> list[bytes]:
+    return [event for batch in _batches(blocks) for event in batch]
 
 
 @pytest.mark.parametrize("size", [1, 2, 3, 5, 7, 16, 1000])
@@ -39,3 +43,14 @@ def test_events_survive_any_cut(size: int) -> None:
 
 def test_a_last_event_without_its_blank_line() -> None:
     assert _read([b'data: {"a": 1}\n\ndata: {"z": 0}']) == [b'{"a": 1}', b'{"z": 0}']
+
+
+def test_events_that_arrive_in_one_read_come_as_one_batch() -> None:
+    """One batch per network read: the gateway then pays one step per read, not one per token."""
+    assert _batches([STREAM]) == [EXPECTED]
+    blocks = [b'data: {"a": 1}\n\ndata: {"b"', b": 2}\n\n", b"data: [DO", b"NE]\n\n"]
+    assert _batches(blocks) == [[b'{"a": 1}'], [b'{"b": 2}'], [b"[DONE]"]]
+
+
+def test_no_empty_batches() -> None:
+    assert _batches([b": ping\n\n", b"data: 1", b"\n\n", b"\n\n"]) == [[b"1"]]

@@ -13,6 +13,8 @@ EXTRA_JSON_FIELD_NUMBER: _ClassVar[int]
 extra_json: _descriptor.FieldDescriptor
 JSON_VARIANT_FIELD_NUMBER: _ClassVar[int]
 json_variant: _descriptor.FieldDescriptor
+BATCHED_STREAM_FIELD_NUMBER: _ClassVar[int]
+batched_stream: _descriptor.FieldDescriptor
 
 class CreateChatCompletionRequest(_message.Message):
     __slots__ = ("model", "messages", "temperature", "top_p", "n", "stream", "stream_options", "stop_text", "stop_list", "max_tokens", "max_completion_tokens", "presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "top_logprobs", "user", "seed", "tools", "tool_choice", "parallel_tool_calls", "response_format", "service_tier", "store", "metadata", "reasoning_effort", "verbosity", "modalities", "audio", "prediction", "web_search_options", "safety_identifier", "prompt_cache_key", "prompt_cache_retention", "prompt_cache_options", "moderation", "functions", "function_call", "extra")
@@ -424,6 +426,12 @@ class Usage(_message.Message):
     completion_tokens_details: str
     extra: _containers.ScalarMap[str, str]
     def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., total_tokens: _Optional[int] = ..., prompt_tokens_details: _Optional[str] = ..., completion_tokens_details: _Optional[str] = ..., extra: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class ChatCompletionChunkBatch(_message.Message):
+    __slots__ = ("chunks",)
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    chunks: _containers.RepeatedCompositeFieldContainer[ChatCompletionChunk]
+    def __init__(self, chunks: _Optional[_Iterable[_Union[ChatCompletionChunk, _Mapping]]] = ...) -> None: ...
 
 class ChatCompletionChunk(_message.Message):
     __slots__ = ("id", "object", "created", "model", "choices", "usage", "system_fingerprint", "service_tier", "obfuscation", "moderation", "extra")

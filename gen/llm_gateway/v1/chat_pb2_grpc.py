@@ -44,6 +44,11 @@ class ChatServiceStub:
                 request_serializer=llm__gateway_dot_v1_dot_chat__pb2.CreateChatCompletionRequest.SerializeToString,
                 response_deserializer=llm__gateway_dot_v1_dot_chat__pb2.ChatCompletionChunk.FromString,
                 _registered_method=True)
+        self.StreamChatCompletionBatches = channel.unary_stream(
+                '/llm_gateway.v1.ChatService/StreamChatCompletionBatches',
+                request_serializer=llm__gateway_dot_v1_dot_chat__pb2.CreateChatCompletionRequest.SerializeToString,
+                response_deserializer=llm__gateway_dot_v1_dot_chat__pb2.ChatCompletionChunkBatch.FromString,
+                _registered_method=True)
         self.ListModels = channel.unary_unary(
                 '/llm_gateway.v1.ChatService/ListModels',
                 request_serializer=llm__gateway_dot_v1_dot_chat__pb2.ListModelsRequest.SerializeToString,
@@ -67,6 +72,16 @@ class ChatServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StreamChatCompletionBatches(self, request, context):
+        """StreamChatCompletion's chunks, several per message: the chunks that were ready together (read
+        from the upstream in one network read) travel as one message, so a fast stream costs a few
+        messages instead of one per token. Same request, errors, deadlines and metadata. No REST route:
+        the REST facade uses it behind POST /v1/chat/completions when it calls the service over a channel.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListModels(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -85,6 +100,11 @@ def add_ChatServiceServicer_to_server(servicer, server):
                     servicer.StreamChatCompletion,
                     request_deserializer=llm__gateway_dot_v1_dot_chat__pb2.CreateChatCompletionRequest.FromString,
                     response_serializer=llm__gateway_dot_v1_dot_chat__pb2.ChatCompletionChunk.SerializeToString,
+            ),
+            'StreamChatCompletionBatches': grpc.unary_stream_rpc_method_handler(
+                    servicer.StreamChatCompletionBatches,
+                    request_deserializer=llm__gateway_dot_v1_dot_chat__pb2.CreateChatCompletionRequest.FromString,
+                    response_serializer=llm__gateway_dot_v1_dot_chat__pb2.ChatCompletionChunkBatch.SerializeToString,
             ),
             'ListModels': grpc.unary_unary_rpc_method_handler(
                     servicer.ListModels,
@@ -146,6 +166,33 @@ class ChatService:
             '/llm_gateway.v1.ChatService/StreamChatCompletion',
             llm__gateway_dot_v1_dot_chat__pb2.CreateChatCompletionRequest.SerializeToString,
             llm__gateway_dot_v1_dot_chat__pb2.ChatCompletionChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamChatCompletionBatches(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/llm_gateway.v1.ChatService/StreamChatCompletionBatches',
+            llm__gateway_dot_v1_dot_chat__pb2.CreateChatCompletionRequest.SerializeToString,
+            llm__gateway_dot_v1_dot_chat__pb2.ChatCompletionChunkBatch.FromString,
             options,
             channel_credentials,
             insecure,
