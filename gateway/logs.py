@@ -59,9 +59,9 @@ def configure(level: str) -> None:
     root.handlers[:] = [handler]
     root.setLevel(logging.WARNING if level == "WARN" else level)
     # Libraries speak at our level or above, never chattier than WARNING at INFO.
-    for name in ("sanic.access", "aiohttp.access"):
+    for name in ("sanic.access",):
         logging.getLogger(name).disabled = True
-    for name in ("sanic.root", "sanic.error", "sanic.server", "grpc", "asyncio", "aiohttp"):
+    for name in ("sanic.root", "sanic.error", "sanic.server", "grpc", "asyncio"):
         library = logging.getLogger(name)
         library.handlers[:] = []
         library.propagate = True

@@ -1,7 +1,9 @@
 """Any upstream that speaks OpenAI's chat completion API: OpenAI, Gemini, Ollama, vLLM, Groq, ...
 
-aiohttp, not httpx: on this machine it costs 3 to 8 times less CPU per request (design notes, section 3).
-One pooled keep-alive session per provider, created on first use inside the serving event loop.
+The HTTP client is picked by measurement: httpx costs 3 to 8 times the CPU of aiohttp per request
+(design notes, section 3), and aiohttp about 5 times that of `http1`, the gateway's own lean client
+(bench/profile-notes.md). One keep-alive pool per provider, created on first use inside the serving
+event loop; the request head is rendered once per provider, so a request adds only its body.
 """
 
 from __future__ import annotations
@@ -9,8 +11,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
+from urllib.parse import urlsplit
 
-import aiohttp
 import orjson
 
 from gateway.call import CallInfo
@@ -24,6 +26,8 @@ from gateway.errors import (
 )
 from gateway.jsonpb import JsonMappingError, MessageCodec
 from llm_gateway.v1 import chat_pb2
+
+from . import http1
 
 _REQUEST = MessageCodec.for_type(chat_pb2.CreateChatCompletionRequest)
 _COMPLETION = MessageCodec.for_type(chat_pb2.ChatCompletion)
@@ -52,51 +56,42 @@ class OpenAICompatibleProvider:
         self.type = config.type
         self.url = chat_url(config)
         self._config = config
-        self._headers = {"content-type": "application/json", "accept": "application/json", **config.headers}
+        headers = {"content-type": "application/json", "accept": "application/json"}
+        headers.update((key.lower(), value) for key, value in config.headers.items())
         if config.api_key:
-            self._headers["authorization"] = f"Bearer {config.api_key}"
-        self._stream_headers = {**self._headers, "accept": "text/event-stream"}
-        self._session: aiohttp.ClientSession | None = None
-        self._timeouts: dict[float, aiohttp.ClientTimeout] = {}
+            headers["authorization"] = f"Bearer {config.api_key}"
+        parts = urlsplit(self.url)
+        target = parts.path + (f"?{parts.query}" if parts.query else "")
+        authority = parts.netloc.rpartition("@")[2]
+        self._head = http1.render_head("POST", target, authority, headers)
+        self._stream_head = http1.render_head("POST", target, authority, {**headers, "accept": "text/event-stream"})
+        self._pool: http1.Pool | None = None
 
-    def _client(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            connector = aiohttp.TCPConnector(
-                limit=self._config.max_connections, ttl_dns_cache=300, keepalive_timeout=60
+    def _client(self) -> http1.Pool:
+        if self._pool is None:
+            config = self._config
+            self._pool = http1.Pool(
+                self.url,
+                max_connections=config.max_connections,
+                connect_timeout=config.connect_timeout,
+                read_timeout=config.read_timeout,
             )
-            self._session = aiohttp.ClientSession(
-                connector=connector,
-                json_serialize=lambda obj: orjson.dumps(obj).decode(),
-                skip_auto_headers=("User-Agent",),
-            )
-        return self._session
-
-    def _headers_for(self, base: dict[str, str], call: CallInfo) -> dict[str, str]:
-        extra = {key: value for key, value in call.metadata if key in _FORWARDED_METADATA}
-        return {**base, **extra} if extra else base
-
-    def _timeout(self, timeouts: Timeouts) -> aiohttp.ClientTimeout:
-        """The provider's connect and read timeouts, or the deployment's own connect timeout. Cached:
-        one object per distinct value, not one per request."""
-        connect = timeouts.connect or self._config.connect_timeout
-        cached = self._timeouts.get(connect)
-        if cached is None:
-            cached = self._timeouts[connect] = aiohttp.ClientTimeout(
-                total=None, connect=connect, sock_read=self._config.read_timeout
-            )
-        return cached
+        return self._pool
 
     async def _post(
-        self, body: dict[str, Any], headers: dict[str, str], call: CallInfo, timeouts: Timeouts, first_at: float | None
-    ) -> aiohttp.ClientResponse:
-        """Send the request; return once the response headers are in, by `first_at` at the latest."""
+        self, head: bytes, body: dict[str, Any], call: CallInfo, timeouts: Timeouts, first_at: float | None
+    ) -> http1.Response:
+        """Send the request; return once the response head is in, by `first_at` at the latest."""
+        extra = b"".join(
+            f"{key}: {value}\r\n".encode("latin-1")
+            for key, value in call.metadata
+            if key in _FORWARDED_METADATA and http1.safe_header(key, value)
+        )
+        request = self._client().request(http1.with_body(head, orjson.dumps(body), extra), timeouts.connect)
+        if first_at is None:
+            return await request
         async with asyncio.timeout_at(first_at):
-            return await self._client().post(
-                self.url,
-                data=orjson.dumps(body),
-                headers=self._headers_for(headers, call),
-                timeout=self._timeout(timeouts),
-            )
+            return await request
 
     async def complete(
         self, request: chat_pb2.CreateChatCompletionRequest, upstream_model: str, call: CallInfo, timeouts: Timeouts
@@ -107,10 +102,13 @@ class OpenAICompatibleProvider:
             body["stream"] = False
         first_at, total_at = _deadlines(timeouts)
         try:
-            response = await self._post(body, self._headers, call, timeouts, first_at)
+            response = await self._post(self._head, body, call, timeouts, first_at)
             try:
-                async with asyncio.timeout_at(total_at):
+                if total_at is None:
                     data = await response.read()
+                else:
+                    async with asyncio.timeout_at(total_at):
+                        data = await response.read()
             finally:
                 response.release()  # back to the pool when fully read, else the connection is closed
             if response.status != 200:
@@ -143,13 +141,13 @@ class OpenAICompatibleProvider:
         try:
             # Each timeout wraps one await and never a `yield`: a timeout spanning a yield would fire
             # in whatever the consumer is doing meanwhile.
-            response = await self._post(body, self._stream_headers, call, timeouts, first_at)
+            response = await self._post(self._stream_head, body, call, timeouts, first_at)
             try:
                 if response.status != 200:
                     async with asyncio.timeout_at(total_at):
                         error = await response.read()
                     raise UpstreamError(response.status, error, _passed_back(response.headers))
-                batches = sse_batches(response.content.iter_any())
+                batches = sse_batches(response.blocks())
                 limit = first_at
                 while True:
                     if limit is None:  # no deployment timeout: the service's own deadline still applies
@@ -199,9 +197,9 @@ class OpenAICompatibleProvider:
             raise BadGatewayError(f"Provider {self.name} sent an invalid stream event: {exc}") from None
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
 
 
 async def sse_batches(blocks: AsyncIterator[bytes]) -> AsyncIterator[list[bytes]]:
@@ -252,18 +250,13 @@ def _passed_back(headers: Mapping[str, str]) -> dict[str, str]:
 
 
 def _transport_error(exc: BaseException, provider: str) -> GatewayError:
-    """Map an aiohttp or asyncio failure to the gateway's error, once, at the boundary."""
-    if isinstance(exc, (asyncio.TimeoutError, aiohttp.ServerTimeoutError)):
+    """Map an HTTP client or asyncio failure to the gateway's error, once, at the boundary."""
+    if isinstance(exc, (TimeoutError, http1.ReadTimeout, http1.ConnectTimeout)):
         return UpstreamTimeoutError(f"Provider {provider} timed out.")
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return UpstreamUnavailableError(f"Provider {provider} is unreachable: {_reason(exc)}")
-    if isinstance(exc, (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError)):
+    if isinstance(exc, http1.ConnectError):
+        return UpstreamUnavailableError(f"Provider {provider} is unreachable: {exc}")
+    if isinstance(exc, http1.Disconnected):
         return UpstreamUnavailableError(f"Provider {provider} closed the connection mid-response.")
-    if isinstance(exc, aiohttp.ClientError):
-        return BadGatewayError(f"Provider {provider} failed: {type(exc).__name__}: {exc}")
+    if isinstance(exc, http1.HTTPClientError):
+        return BadGatewayError(f"Provider {provider} failed: {exc}")
     return BadGatewayError(f"Provider {provider} failed: {type(exc).__name__}")
-
-
-def _reason(exc: aiohttp.ClientConnectorError) -> str:
-    error: Any = exc.os_error
-    return str(getattr(error, "strerror", None) or error or exc)
