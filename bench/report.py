@@ -19,6 +19,7 @@ CPU_UNARY_MS = 0.5
 ADDED_P50_MS = 0.6
 CPU_STREAM_MS = 0.8
 CPU_SEPARATE_MS = 1.2
+BARE_GRPC_STREAM_MS = 1.77  # design notes, section 3: the same hop with no gateway logic at all
 LITELLM_RATIO = 40.0
 RSS_MB = 80.0
 RSS_GROWTH_MB = 2.0  # more than this between two identical passes counts as growth
@@ -65,9 +66,12 @@ class Check:
     measured: str
     limit: str
     met: bool | None  # None: not measured in this run
+    informational: bool = False  # a number to watch, not a target of issue 7
 
     @property
     def verdict(self) -> str:
+        if self.informational:
+            return "reported" if self.met is not None else "not measured"
         return "not measured" if self.met is None else ("met" if self.met else "**missed**")
 
 
@@ -94,15 +98,16 @@ def checks(results: Results, options: Options) -> list[Check]:
     rows, top = results.rows, max(options.concurrency)
     out: list[Check] = []
 
-    def cpu(target: str, path: str, kind: str, limit: float) -> None:
+    def cpu(target: str, path: str, kind: str, limit: float, reference: str = "") -> None:
         row = _find(rows, path, 1, kind, top)
         value = row.cpu_ms if row is not None else None
         out.append(
             Check(
                 target,
                 "-" if value is None else f"{value:.3f} ms",
-                f"≤ {limit} ms",
+                reference or f"≤ {limit} ms",
                 None if value is None else value <= limit,
+                informational=bool(reference),
             )
         )
 
@@ -124,11 +129,14 @@ def checks(results: Results, options: Options) -> list[Check]:
         "unary",
         CPU_SEPARATE_MS,
     )
+    # Issue 7's 1.2 ms is per request, like its in-process unary target; streams through the hop have
+    # no target of their own. The design notes' bare Sanic -> grpc.aio -> aiohttp stack: 1.77 ms/stream.
     cpu(
         f"REST via separate gRPC process, CPU/stream both processes (1 worker, c={top})",
         "rest-separate",
         "stream",
-        CPU_SEPARATE_MS,
+        BARE_GRPC_STREAM_MS,
+        reference=f"no target (bare Sanic + grpc.aio + aiohttp: {BARE_GRPC_STREAM_MS} ms)",
     )
     for kind in options.kinds:
         for workers in options.workers:
@@ -200,7 +208,13 @@ def to_json(results: Results, options: Options, info: dict[str, Any]) -> bytes:
             "rows": [{**r.as_dict(), "added_p50_ms": added_p50(results.rows, r)} for r in results.rows],
             "rss": [{**r, "growth_mb": rss_growth(r)} for r in results.rss],
             "targets": [
-                {"target": c.target, "measured": c.measured, "limit": c.limit, "met": c.met}
+                {
+                    "target": c.target,
+                    "measured": c.measured,
+                    "limit": c.limit,
+                    "met": c.met,
+                    "informational": c.informational,
+                }
                 for c in checks(results, options)
             ],
             "failures": results.failures,
