@@ -60,3 +60,21 @@ def test_bench_smoke_run_writes_a_well_formed_report(tmp_path: Path) -> None:
     # The smoke run never touches the committed results.
     after = (ROOT / "bench" / "RESULTS.md").read_bytes() if (ROOT / "bench" / "RESULTS.md").exists() else None
     assert after == committed
+
+
+def test_client_comparison_runs() -> None:
+    """`python -m bench.clients` (the measurement behind the upstream HTTP client) works; no timing."""
+    if _missing():
+        pytest.fail(f"the benchmark needs {', '.join(_missing())}")
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.clients", "--requests", "640", "--rounds", "1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert [line.split()[0] for line in lines] == ["aiohttp", "http1"], lines
+    assert all("µs CPU/request" in line and "req/s" in line for line in lines), lines

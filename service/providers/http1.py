@@ -126,6 +126,10 @@ class _Connection(asyncio.Protocol):
         self.last_read = 0.0
         self.timer: asyncio.TimerHandle | None = None
 
+    def usable(self) -> bool:
+        """Open, and not closing: the upstream may have sent its FIN before connection_lost ran."""
+        return not self.closed and self.transport is not None and not self.transport.is_closing()
+
     # ---------------------------------------------------------------- the exchange
 
     def send(self, data: bytes) -> asyncio.Future[None]:
@@ -321,7 +325,7 @@ class Pool:
         now = self.loop.time()
         while self._idle:
             connection = self._idle.pop()
-            if not connection.closed and now - connection.idle_since < self.keepalive:
+            if connection.usable() and now - connection.idle_since < self.keepalive:
                 return connection
             connection.close()
         if len(self._open) >= self.max_connections:
