@@ -131,9 +131,21 @@ def transcoding_handler(route: Route, backend: ChatBackend, max_timeout: float) 
             log.error("unexpected error", exc_info=True, request_id=rid, method=binding.method)
             return error_response(InternalError("The gateway failed to handle the request."), rid)
         # Message -> orjson bytes through the codec's precomputed tables; Sanic sends the bytes as they are.
-        return HTTPResponse(binding.response.dumps(reply), headers=_headers(rid, call), content_type=JSON)
+        return Response(binding.response.dumps(reply), headers=_headers(rid, call), content_type=JSON)
 
     return handle
+
+
+class Response(HTTPResponse):
+    """Sanic's HTTPResponse with a cheaper header check. Sanic strips CR, LF and NUL from every header
+    name and value with a per-character `str.translate`, about 1 us per header here; `isprintable()`
+    is one C pass and false for every control character, which then still goes through Sanic's."""
+
+    __slots__ = ()
+
+    @staticmethod
+    def _sanitize_header_value(value: str) -> str:
+        return value if value.isprintable() else HTTPResponse._sanitize_header_value(value)
 
 
 def _headers(rid: str, call: CallInfo) -> dict[str, str]:

@@ -7,6 +7,7 @@ cancellation): `RequestRecord.finish` runs in a `finally`.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 import uuid
@@ -160,7 +161,8 @@ class RequestRecord:
             route.prompt_tokens.inc(usage.prompt_tokens)
             route.completion_tokens.inc(usage.completion_tokens)
             route.total_tokens.inc(usage.total_tokens)
-
+        if not log.enabled(logging.INFO):  # the access line is off: do not build it
+            return
         attrs: dict[str, Any] = {
             "request_id": self.request_id,
             "model": self.model,

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from sanic import HTTPResponse
 
 from gateway.errors import InvalidRequestError
+from rest_facade.app import Response
 from rest_facade.headers import call_info, request_id
 
 
@@ -74,3 +76,12 @@ def test_bad_timeout_header(headers: dict[str, str]) -> None:
     with pytest.raises(InvalidRequestError) as info:
         call_info(headers, "rid", 30.0)
     assert next(iter(headers)) in info.value.message
+
+
+@pytest.mark.parametrize(
+    ("value", "sent"),
+    [("x-llm-gateway-model", "x-llm-gateway-model"), ("a\r\nb\x00c", "abc"), ("a\tb", "a\tb"), ("ünï", "ünï")],
+)
+def test_the_fast_header_check_sends_what_sanics_would(value: str, sent: str) -> None:
+    assert Response._sanitize_header_value(value) == sent
+    assert HTTPResponse._sanitize_header_value(value) == sent
