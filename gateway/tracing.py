@@ -16,14 +16,16 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, MutableMapping
+from typing import TYPE_CHECKING
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
-from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor, SpanExporter
 from opentelemetry.trace import Span, SpanKind, Tracer
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+if TYPE_CHECKING:  # the SDK (about 3 MB per worker) is imported only when tracing is turned on
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SpanExporter
 
 TRACER: Tracer | None = None
 _provider: TracerProvider | None = None
@@ -46,9 +48,13 @@ def enabled_by_environment(environ: Mapping[str, str] = os.environ) -> bool:
 def configure(exporter: SpanExporter | None = None, *, batch: bool = True) -> None:
     """Turn tracing on with `exporter`, or with the exporter the environment names; else leave it off."""
     global TRACER, _provider
+    if exporter is None and not enabled_by_environment():
+        return
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
+
     if exporter is None:
-        if not enabled_by_environment():
-            return
         if os.environ.get("OTEL_TRACES_EXPORTER", "").lower() == "console":
             from opentelemetry.sdk.trace.export import ConsoleSpanExporter
 
