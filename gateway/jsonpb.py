@@ -89,7 +89,9 @@ class MessageCodec(Generic[M]):
         self.descriptor = descriptor
         self.message_type = message_type
         self._decoders: dict[str, Decoder] = {}
-        self._encoders: dict[str, tuple[str, Encoder]] = {}
+        # Keyed by the field descriptor ListFields() hands back (hashed by identity, cheaper than its
+        # name); None for values that go to JSON as they are.
+        self._encoders: dict[FieldDescriptor, tuple[str, Encoder | None]] = {}
         self._repeated: frozenset[str] = frozenset()
         self._extra: str | None = None
 
@@ -117,7 +119,7 @@ class MessageCodec(Generic[M]):
         decoders = self._decoders
         for key, value in obj.items():
             decoder = decoders.get(key)
-            if decoder is None or value is None or (value == [] and key in self._repeated):
+            if decoder is None or value is None or (type(value) is list and not value and key in self._repeated):
                 # Unknown keys, and known keys whose value the typed field cannot hold, keep their JSON.
                 self._set_extra(message, key, _NULL if value is None else _dumps_raw(value))
             else:
@@ -128,16 +130,19 @@ class MessageCodec(Generic[M]):
         encoders = self._encoders
         extra = None
         for field, value in message.ListFields():
-            key, encoder = encoders[field.name]
-            if key:
-                out[key] = encoder(value)
-            else:
+            key, encoder = encoders[field]
+            if not key:
                 extra = value
+            elif encoder is None:
+                out[key] = value
+            else:
+                out[key] = encoder(value)
         if extra:
-            for key, raw in extra.items():
+            # Keys, then lookups: the map's items() view is Python code, its iteration and [] are C.
+            for key in extra:
                 # A typed value wins over a stale raw one (the service may have set the field).
                 if key not in out:
-                    out[key] = orjson.Fragment(raw)
+                    out[key] = orjson.Fragment(extra[key])
         return out
 
     def dumps(self, message: Message) -> bytes:
@@ -160,11 +165,11 @@ class MessageCodec(Generic[M]):
                     repeated.add(oneof.name)  # an empty array for it is kept raw, like any empty list
                 self._decoders[oneof.name] = self._variant_decoder(oneof)
                 for member in oneof.fields:
-                    self._encoders[member.name] = (oneof.name, self._variant_encoder(member))
+                    self._encoders[member] = (oneof.name, self._variant_encoder(member))
         for field in self.descriptor.fields:
             if _option(field.GetOptions(), _EXTRA_JSON):
                 self._extra = field.name
-                self._encoders[field.name] = ("", _identity)
+                self._encoders[field] = ("", None)
                 continue
             container = field.containing_oneof
             if container is not None and container.name in variants:
@@ -172,7 +177,7 @@ class MessageCodec(Generic[M]):
             if _is_repeated(field):
                 repeated.add(field.name)
             self._decoders[field.name] = self._field_decoder(field)
-            self._encoders[field.name] = (field.name, self._field_encoder(field))
+            self._encoders[field] = (field.name, self._field_encoder(field))
         self._repeated = frozenset(repeated)
 
     def _field_decoder(self, field: FieldDescriptor) -> Decoder:
@@ -227,6 +232,15 @@ class MessageCodec(Generic[M]):
 
             return decode_scalars
 
+        if field.type == FieldDescriptor.TYPE_STRING:  # the common case, and one that cannot overflow
+
+            def decode_string(message: Message, value: Any) -> None:
+                if type(value) is not str:
+                    raise _type_error(name, expected, value)
+                setattr(message, name, value)
+
+            return decode_string
+
         def decode_scalar(message: Message, value: Any) -> None:
             if not check(value):
                 raise _type_error(name, expected, value)
@@ -237,7 +251,7 @@ class MessageCodec(Generic[M]):
 
         return decode_scalar
 
-    def _field_encoder(self, field: FieldDescriptor) -> Encoder:
+    def _field_encoder(self, field: FieldDescriptor) -> Encoder | None:
         if field.message_type is not None:
             sub = MessageCodec._for_descriptor(field.message_type, _message_class(field))
             if _is_repeated(field):
@@ -247,7 +261,7 @@ class MessageCodec(Generic[M]):
             return orjson.Fragment
         if _is_repeated(field):
             return list
-        return _identity
+        return None
 
     def _variant_decoder(self, oneof: OneofDescriptor) -> Decoder:
         key = oneof.name
@@ -287,7 +301,7 @@ class MessageCodec(Generic[M]):
 
         return decode_variant
 
-    def _variant_encoder(self, member: FieldDescriptor) -> Encoder:
+    def _variant_encoder(self, member: FieldDescriptor) -> Encoder | None:
         if member.message_type is not None:
             (inner,) = member.message_type.fields
             sub = MessageCodec._for_descriptor(member.message_type, _message_class(member))
@@ -299,11 +313,7 @@ class MessageCodec(Generic[M]):
             return encode_list
         if _option(member.GetOptions(), _RAW_JSON):
             return orjson.Fragment
-        return _identity
-
-
-def _identity(value: Any) -> Any:
-    return value
+        return None
 
 
 def _is_repeated(field: FieldDescriptor) -> bool:

@@ -225,6 +225,8 @@ async def sse_batches(blocks: AsyncIterator[bytes]) -> AsyncIterator[list[bytes]
 
 
 def _event_data(event: bytes) -> bytes | None:
+    if event.startswith(b"data: ") and b"\n" not in event:  # what every provider sends: one data line
+        return event[6:]
     lines = [line[5:].removeprefix(b" ") for line in event.split(b"\n") if line.startswith(b"data:")]
     if not lines:
         return None
