@@ -54,8 +54,7 @@ async def _aiohttp(url: str, requests: int, concurrency: int) -> str:
 
 async def _http1(url: str, requests: int, concurrency: int) -> str:
     pool = http1.Pool(url, read_timeout=600)
-    path = url.split(pool.authority, 1)[1]
-    request = http1.with_body(http1.render_head("POST", path, pool.authority, HEADERS), BODY)
+    request = http1.with_body(http1.render_head("POST", url, HEADERS), BODY)
 
     async def one() -> bytes:
         response = await pool.request(request)

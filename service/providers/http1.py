@@ -287,15 +287,8 @@ class Pool:
         read_timeout: float | None = None,
         keepalive: float = 60.0,
     ) -> None:
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"not an http(s) URL: {url!r}")
-        self.host = parts.hostname
-        self.port = parts.port or (443 if parts.scheme == "https" else 80)
-        self.ssl: ssl.SSLContext | None = ssl.create_default_context() if parts.scheme == "https" else None
-        default_port = self.port == (443 if self.ssl else 80)
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        self.authority = host if default_port else f"{host}:{self.port}"
+        self.host, self.port, tls, self.authority, _ = _parse(url)
+        self.ssl: ssl.SSLContext | None = ssl.create_default_context() if tls else None
         self.max_connections = max_connections
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
@@ -411,9 +404,24 @@ class Pool:
             connection.close()
 
 
-def render_head(method: str, target: str, authority: str, headers: dict[str, str]) -> bytes:
-    """A request head without its Content-Length and final blank line. Header values that could end
-    the head early (CR, LF) are refused."""
+def _parse(url: str) -> tuple[str, int, bool, str, str]:
+    """Host, port, TLS or not, the Host header's value, and the request target of an http(s) URL."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"not an http(s) URL: {url!r}")
+    tls = parts.scheme == "https"
+    default = 443 if tls else 80
+    port = parts.port or default
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    authority = host if port == default else f"{host}:{port}"
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    return parts.hostname, port, tls, authority, target
+
+
+def render_head(method: str, url: str, headers: dict[str, str]) -> bytes:
+    """The head of a request to `url`, without its Content-Length and final blank line; built once
+    per provider. Header values that could end the head early (CR, LF) are refused."""
+    _, _, _, authority, target = _parse(url)
     lines = [f"{method} {target} HTTP/1.1", f"host: {authority}"]
     for name, value in headers.items():
         if not safe_header(name, value):

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
-from urllib.parse import urlsplit
 
 import orjson
 
@@ -60,11 +59,8 @@ class OpenAICompatibleProvider:
         headers.update((key.lower(), value) for key, value in config.headers.items())
         if config.api_key:
             headers["authorization"] = f"Bearer {config.api_key}"
-        parts = urlsplit(self.url)
-        target = parts.path + (f"?{parts.query}" if parts.query else "")
-        authority = parts.netloc.rpartition("@")[2]
-        self._head = http1.render_head("POST", target, authority, headers)
-        self._stream_head = http1.render_head("POST", target, authority, {**headers, "accept": "text/event-stream"})
+        self._head = http1.render_head("POST", self.url, headers)
+        self._stream_head = http1.render_head("POST", self.url, {**headers, "accept": "text/event-stream"})
         self._pool: http1.Pool | None = None
 
     def _client(self) -> http1.Pool:

@@ -83,7 +83,8 @@ def answering(*replies: bytes, then_close: bool = False) -> Script:
 
 
 def request_bytes(pool: http1.Pool, body: bytes = b"{}", extra: bytes = b"") -> bytes:
-    head = http1.render_head("POST", "/v1/chat/completions", pool.authority, {"content-type": "application/json"})
+    url = f"http://{pool.authority}/v1/chat/completions"
+    head = http1.render_head("POST", url, {"content-type": "application/json"})
     return http1.with_body(head, body, extra)
 
 
@@ -367,7 +368,7 @@ def test_https_with_the_system_trust_store(ca: trustme.CA, tmp_path: Any, monkey
 
 def test_header_values_with_line_breaks_are_refused() -> None:
     with pytest.raises(ValueError, match="line break"):
-        http1.render_head("POST", "/", "x", {"x-evil": "a\r\nhost: other"})
+        http1.render_head("POST", "http://x/", {"x-evil": "a\r\nhost: other"})
     assert not http1.safe_header("traceparent", "00\nx")
 
 
