@@ -273,6 +273,9 @@ def _provider(name: str, spec: Any) -> ProviderConfig:
     headers = spec.get("headers") or {}
     if not isinstance(headers, dict):
         raise ConfigError(f"{where}.headers: must be a mapping")
+    for key, value in headers.items():
+        if any(c in f"{key}{value}" for c in "\r\n\0"):
+            raise ConfigError(f"{where}.headers.{key}: a header must not hold a line break")
     return ProviderConfig(
         name=name,
         type=kind,

@@ -91,6 +91,11 @@ def test_extended_forms() -> None:
         ({"providers": {"p": {"type": "openai", "api_url": "http://h:99999"}}}, {}, "providers.p.api_url"),
         ({"providers": {"p": {"type": "mystery"}}}, {}, "providers.p.type"),
         ({"providers": {"p": {"api_url": "http://h"}}}, {}, "providers.p: set type"),
+        (
+            {"providers": {"p": {"type": "openai", "api_url": "http://h", "headers": {"x-team": "a\r\nhost: evil"}}}},
+            {},
+            "providers.p.headers.x-team",
+        ),
         ({"logging": {"level": "LOUD"}}, {}, "logging.level"),
         ({"server": {"port": 70000}}, {}, "server.port"),
         ({"server": {"port": "http"}}, {}, "server.port"),
