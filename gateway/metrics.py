@@ -2,7 +2,8 @@
 
 With several worker processes the CLI sets PROMETHEUS_MULTIPROC_DIR before any worker imports this
 module, so prometheus-client keeps every value in shared files and `/metrics` shows the sum over
-all workers.
+all workers. Each worker updates its values in memory and writes them to its file every
+FLUSH_INTERVAL seconds, before it answers a scrape, and when it stops (see `_BufferedValue`).
 
 Labels: `model` is the model name the client asked for when the gateway serves it, else "unknown"
 (so a client cannot blow up the label set); `provider` is the configured provider name, else "none".
@@ -10,7 +11,9 @@ Labels: `model` is the model name the client asked for when the gateway serves i
 
 from __future__ import annotations
 
+import asyncio
 import os
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -22,6 +25,95 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client import multiprocess as _multiprocess
+from prometheus_client import values as _values
+from prometheus_client.mmap_dict import MmapedDict, mmap_key
+
+MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+# How stale another worker's values may be in a scrape; the scraped worker's own are always current.
+FLUSH_INTERVAL = 0.5
+
+
+class _BufferedValue:
+    """prometheus-client's multiprocess value, written to the worker's mmap file by `flush()` rather
+    than on every update. The stock one takes a lock and writes the file on each `inc`: about 1 us
+    per counter and 2 per histogram observation, 12 updates per request. Every update happens on the
+    worker's event-loop thread, so a plain float is enough."""
+
+    _multiprocess = True
+    instances: list[_BufferedValue] = []
+
+    def __init__(
+        self,
+        typ: str,
+        metric_name: str,
+        name: str,
+        labelnames: Any,
+        labelvalues: Any,
+        help_text: str,
+        multiprocess_mode: str = "",
+        **_: Any,
+    ) -> None:
+        self.file_prefix = f"{typ}_{multiprocess_mode}" if typ == "gauge" else typ
+        self.key = mmap_key(metric_name, name, labelnames, labelvalues, help_text)
+        self._value = 0.0
+        self.timestamp = 0.0
+        self.written: float | None = None  # None: not in the file yet (a new child shows as 0 once flushed)
+        _BufferedValue.instances.append(self)
+
+    def inc(self, amount: float) -> None:
+        self._value += amount
+
+    def set(self, value: float, timestamp: float | None = None) -> None:
+        self._value = value
+        self.timestamp = timestamp or 0.0
+
+    def set_exemplar(self, exemplar: Any) -> None:  # multiprocess mode has no exemplars
+        return None
+
+    def get(self) -> float:
+        return self._value
+
+    def get_exemplar(self) -> None:
+        return None
+
+
+_files: dict[str, MmapedDict] = {}
+_files_pid = 0
+
+
+def flush() -> None:
+    """Write this worker's changed values to its multiprocess files (a no-op in single-process mode)."""
+    global _files_pid
+    if not MULTIPROCESS:
+        return
+    pid = os.getpid()
+    if pid != _files_pid:  # first flush, or a forked child: its own files, everything written afresh
+        _files.clear()
+        _files_pid = pid
+        for value in _BufferedValue.instances:
+            value.written = None
+    directory = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    for value in _BufferedValue.instances:
+        current = value._value
+        if current != value.written:
+            file = _files.get(value.file_prefix)
+            if file is None:
+                path = os.path.join(directory, f"{value.file_prefix}_{pid}.db")
+                file = _files[value.file_prefix] = MmapedDict(path)  # type: ignore[no-untyped-call]
+            file.write_value(value.key, current, value.timestamp)  # type: ignore[no-untyped-call]
+            value.written = current
+
+
+async def flush_periodically(interval: float = FLUSH_INTERVAL) -> None:
+    """The worker's flush timer: run as a task for the worker's life, then call `flush()` once more."""
+    while True:
+        await asyncio.sleep(interval)
+        flush()
+
+
+if MULTIPROCESS:
+    # Chosen before the first metric below is built: prometheus-client reads this per child it creates.
+    _values.ValueClass = _BufferedValue
 
 UNKNOWN_MODEL = "unknown"
 NO_PROVIDER = "none"
@@ -93,7 +185,8 @@ GRPC_HANDLING = Histogram(
 
 def exposition() -> tuple[bytes, str]:
     """The text for GET /metrics, summed over all workers in multiprocess mode."""
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    if MULTIPROCESS:
+        flush()  # this worker's own values are current; the others' are at most FLUSH_INTERVAL old
         registry = CollectorRegistry()
         _multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
         return generate_latest(registry), CONTENT_TYPE_LATEST
@@ -102,7 +195,7 @@ def exposition() -> tuple[bytes, str]:
 
 def mark_worker_dead(pid: int) -> None:
     """Drop a finished worker's live gauges (in-flight) from the multiprocess files."""
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    if MULTIPROCESS:
         _multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
 
 
@@ -133,6 +226,6 @@ def _count_tasks() -> float:
         return 0.0
 
 
-if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+if not MULTIPROCESS:
     # Leak checks read this next to prometheus-client's process_open_fds and process_resident_memory_bytes.
     Gauge("llm_gateway_asyncio_tasks", "asyncio tasks alive in this worker's event loop.").set_function(_count_tasks)

@@ -8,7 +8,7 @@ import gc
 import signal
 from typing import Any
 
-from . import logs
+from . import logs, metrics
 from .call import ChatBackend
 from .config import Config
 
@@ -22,7 +22,7 @@ async def serve(config: Config, grpc_only: bool = False, stop: asyncio.Event | N
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
 
-    server = core = rest = None
+    server = core = rest = flusher = None
     backend: ChatBackend | None = None
     srv = config.server
     try:
@@ -43,6 +43,8 @@ async def serve(config: Config, grpc_only: bool = False, stop: asyncio.Event | N
         # GC pass. Full collections then scan only request garbage (p99 at c=32: 28 -> 13 ms, unary).
         gc.collect()
         gc.freeze()
+        if metrics.MULTIPROCESS:
+            flusher = asyncio.create_task(metrics.flush_periodically())
         await stop.wait()
     finally:
         log.info("shutting down")
@@ -52,6 +54,9 @@ async def serve(config: Config, grpc_only: bool = False, stop: asyncio.Event | N
             await server.stop(grace=5)
         if core is not None:
             await core.close()
+        if flusher is not None:
+            flusher.cancel()
+        metrics.flush()  # what the last requests counted, before the worker's process ends
 
 
 async def _start_rest(config: Config, backend: ChatBackend | None) -> Any:

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import http.client
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
+from prometheus_client import CollectorRegistry
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
+from gateway import metrics
 from gateway.jsonpb import MessageCodec
 from llm_gateway.v1 import chat_pb2, chat_pb2_grpc
 from tests.fakes.upstream import FakeUpstream, chunks
@@ -22,10 +27,13 @@ Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 def scrape(gateway: GatewayProcess) -> Samples:
     with urllib.request.urlopen(f"{gateway.base_url}/metrics", timeout=5) as response:
-        text = response.read().decode()
+        return parse(response.read())
+
+
+def parse(exposition: bytes) -> Samples:
     return {
         (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(text)
+        for family in text_string_to_metric_families(exposition.decode())
         for sample in family.samples
     }
 
@@ -152,17 +160,57 @@ def test_labels_are_never_empty(fakes: dict[str, FakeUpstream], start: Callable[
             assert all(v for k, v in labels if k in ("model", "provider")), (name, labels)
 
 
-def test_two_workers_sum(fakes: dict[str, FakeUpstream], gateway_factory: Callable[..., GatewayProcess]) -> None:
-    gateway = gateway_factory(_config(fakes), args=("--workers", "2"))
+def _post_many(gateway: GatewayProcess, count: int) -> None:
     body = b'{"model": "gpt", "messages": [{"role": "user", "content": "hi"}]}'
-    for _ in range(20):  # new connections, so both workers serve some
+    for _ in range(count):  # new connections, so both workers serve some
         request = urllib.request.Request(
             f"{gateway.base_url}/v1/chat/completions", data=body, headers={"content-type": "application/json"}
         )
         with urllib.request.urlopen(request, timeout=10) as response:
             assert response.status == 200
+
+
+def test_two_workers_sum(fakes: dict[str, FakeUpstream], gateway_factory: Callable[..., GatewayProcess]) -> None:
+    gateway = gateway_factory(_config(fakes), args=("--workers", "2"))
+    _post_many(gateway, 20)
     pids = {line["pid"] for line in gateway.log_lines() if line.get("msg") == "chat completion" and "pid" in line}
-    samples = scrape(gateway)
+    assert len(pids) == 2  # both workers served some
+    # The scraped worker's own values are current; the other worker's arrive within FLUSH_INTERVAL.
+    # One kept-alive connection scrapes one worker only, so the other's counts must come from its timer.
+    connection = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=5)
+    deadline = time.monotonic() + 10 * metrics.FLUSH_INTERVAL
+    while True:
+        connection.request("GET", "/metrics")
+        samples = parse(connection.getresponse().read())
+        if value(samples, "llm_gateway_requests_total", model="gpt", outcome="200") >= 20:
+            break
+        assert time.monotonic() < deadline, "a worker's counts never reached /metrics"
+        time.sleep(0.05)
+    connection.close()
     assert tokens(samples, model="gpt", provider="main") == (20 * 11, 20 * 7, 20 * 18)
     assert value(samples, "llm_gateway_requests_total", model="gpt", outcome="200") == 20
-    assert len(pids) == 2  # both workers served some
+    assert value(samples, "llm_gateway_request_duration_seconds_count", model="gpt") == 20
+    assert value(samples, "llm_gateway_requests_in_flight", model="gpt") == 0
+
+
+def test_two_workers_write_their_last_counts_when_they_stop(
+    fakes: dict[str, FakeUpstream], gateway_factory: Callable[..., GatewayProcess], tmp_path: Path
+) -> None:
+    """Workers write metric values to their files on a timer: what the last requests counted must still
+    be written when a worker stops, or a directory kept across restarts would lose it."""
+    directory = tmp_path / "multiproc"
+    directory.mkdir()
+    gateway = gateway_factory(_config(fakes), args=("--workers", "2"), env={"PROMETHEUS_MULTIPROC_DIR": str(directory)})
+    _post_many(gateway, 30)
+    assert gateway.stop() == 0  # right after the last answer, well inside one flush interval
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=str(directory))  # type: ignore[no-untyped-call]
+    samples: Samples = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in registry.collect()
+        for sample in family.samples
+    }
+    assert value(samples, "llm_gateway_requests_total", model="gpt", outcome="200") == 30
+    assert tokens(samples, model="gpt", provider="main") == (30 * 11, 30 * 7, 30 * 18)
+    assert value(samples, "llm_gateway_request_duration_seconds_count", model="gpt") == 30
+    assert value(samples, "llm_gateway_request_duration_seconds_bucket", model="gpt", le="+Inf") == 30
