@@ -25,6 +25,7 @@ from gateway.errors import GatewayError, InvalidRequestError, UpstreamUnavailabl
 from llm_gateway.v1 import chat_pb2
 
 from .accounting import RequestRecord
+from .deadline import Deadline
 from .retry import Attempt, AttemptPlan, retryable
 from .router import Router
 from .spans import RequestSpans
@@ -58,7 +59,8 @@ class ChatCore:
             _validate(request)
             timeout = call.timeout or self._default_timeout
             plan = self.router.plan(request.model, time.monotonic() + timeout)
-            async with asyncio.timeout(timeout):
+            loop = asyncio.get_running_loop()
+            async with Deadline(loop.time() + timeout, loop):
                 response = await self._complete(plan, request, call, record, spans)
             if response.HasField("usage"):
                 record.usage = response.usage
@@ -117,7 +119,8 @@ class ChatCore:
             _validate(request)
             timeout = call.timeout or self._default_timeout
             plan = self.router.plan(request.model, time.monotonic() + timeout)
-            deadline = asyncio.get_running_loop().time() + timeout
+            loop = asyncio.get_running_loop()
+            deadline = Deadline(loop.time() + timeout, loop)  # one for the stream, entered per upstream read
             wants_usage = request.stream_options.include_usage
             attempt, batches, first = await self._open_stream(plan, request, call, record, spans, deadline)
             state = attempt.state
@@ -155,7 +158,7 @@ class ChatCore:
                 state.abandoned()
                 if isinstance(batches, _Pump) and record.usage is None:
                     handed_off = True
-                    task = asyncio.get_running_loop().create_task(self._drain_usage(batches, record, spans, deadline))
+                    task = loop.create_task(self._drain_usage(batches, record, spans, deadline))
                     self._draining.add(task)
                     task.add_done_callback(self._draining.discard)
                 raise
@@ -183,7 +186,7 @@ class ChatCore:
         call: CallInfo,
         record: RequestRecord,
         spans: RequestSpans | None,
-        deadline: float,
+        deadline: Deadline,
     ) -> tuple[Attempt, Batches, list[chat_pb2.ChatCompletionChunk] | None]:
         """Attempts until one yields its first chunks (or ends cleanly with none); that one is committed."""
         error: GatewayError | None = None
@@ -215,25 +218,25 @@ class ChatCore:
 
     @staticmethod
     async def _next_batch(
-        batches: Batches, record: RequestRecord, deadline: float
+        batches: Batches, record: RequestRecord, deadline: Deadline
     ) -> list[chat_pb2.ChatCompletionChunk] | None:
         record.in_upstream = True
         waited = time.perf_counter()
         try:
             # The deadline covers the whole stream; it wraps each wait (one timer per network read),
             # never a yield to the caller.
-            async with asyncio.timeout_at(deadline):
+            async with deadline:
                 return await anext(batches, None)
         finally:
             record.upstream_wait += time.perf_counter() - waited
             record.in_upstream = False
 
     async def _drain_usage(
-        self, batches: _Pump, record: RequestRecord, spans: RequestSpans | None, deadline: float
+        self, batches: _Pump, record: RequestRecord, spans: RequestSpans | None, deadline: Deadline
     ) -> None:
         """Read a stream its client left until the provider's final usage, so it is counted exactly."""
         try:
-            async with asyncio.timeout_at(deadline):
+            async with deadline:
                 async for batch in batches:
                     usage = next((chunk.usage for chunk in batch if chunk.HasField("usage")), None)
                     if usage is not None:

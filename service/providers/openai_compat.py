@@ -26,6 +26,7 @@ from gateway.errors import (
 from gateway.jsonpb import JsonMappingError, MessageCodec
 from llm_gateway.v1 import chat_pb2
 
+from ..deadline import Deadline
 from . import http1
 
 _REQUEST = MessageCodec.for_type(chat_pb2.CreateChatCompletionRequest)
@@ -75,18 +76,18 @@ class OpenAICompatibleProvider:
         return self._pool
 
     async def _post(
-        self, head: bytes, body: dict[str, Any], call: CallInfo, timeouts: Timeouts, first_at: float | None
+        self, head: bytes, body: dict[str, Any], call: CallInfo, timeouts: Timeouts, first: Deadline | None
     ) -> http1.Response:
-        """Send the request; return once the response head is in, by `first_at` at the latest."""
+        """Send the request; return once the response head is in, by the `first` deadline at the latest."""
         extra = b"".join(
             f"{key}: {value}\r\n".encode("latin-1")
             for key, value in call.metadata
             if key in _FORWARDED_METADATA and http1.safe_header(key, value)
         )
         request = self._client().request(http1.with_body(head, orjson.dumps(body), extra), timeouts.connect)
-        if first_at is None:
+        if first is None:
             return await request
-        async with asyncio.timeout_at(first_at):
+        async with first:
             return await request
 
     async def complete(
@@ -96,14 +97,14 @@ class OpenAICompatibleProvider:
         body["model"] = upstream_model
         if body.get("stream") is True:
             body["stream"] = False
-        first_at, total_at = _deadlines(timeouts)
+        first, total = _deadlines(timeouts)
         try:
-            response = await self._post(self._head, body, call, timeouts, first_at)
+            response = await self._post(self._head, body, call, timeouts, first)
             try:
-                if total_at is None:
+                if total is None:
                     data = await response.read()
                 else:
-                    async with asyncio.timeout_at(total_at):
+                    async with total:
                         data = await response.read()
             finally:
                 response.release()  # back to the pool when fully read, else the connection is closed
@@ -133,23 +134,23 @@ class OpenAICompatibleProvider:
         body["stream_options"] = (
             {**options, "include_usage": True} if type(options) is dict else {"include_usage": True}
         )
-        first_at, total_at = _deadlines(timeouts)
+        first, total = _deadlines(timeouts)
         try:
             # Each timeout wraps one await and never a `yield`: a timeout spanning a yield would fire
             # in whatever the consumer is doing meanwhile.
-            response = await self._post(self._stream_head, body, call, timeouts, first_at)
+            response = await self._post(self._stream_head, body, call, timeouts, first)
             try:
                 if response.status != 200:
-                    async with asyncio.timeout_at(total_at):
+                    async with asyncio.timeout_at(total.when if total else None):
                         error = await response.read()
                     raise UpstreamError(response.status, error, _passed_back(response.headers))
                 batches = sse_batches(response.blocks())
-                limit = first_at
+                limit = first
                 while True:
                     if limit is None:  # no deployment timeout: the service's own deadline still applies
                         batch = await anext(batches, None)
                     else:
-                        async with asyncio.timeout_at(limit):
+                        async with limit:
                             batch = await anext(batches, None)
                     if batch is None:
                         raise BadGatewayError(f"Provider {self.name} ended the stream without [DONE].")
@@ -166,7 +167,7 @@ class OpenAICompatibleProvider:
                             if chunks:  # what arrived before the bad event still reaches the client
                                 yield chunks
                             raise
-                    limit = total_at
+                    limit = total
                     yield chunks
             finally:
                 response.close()  # no-op after release(); otherwise the upstream sees the connection close
@@ -229,14 +230,17 @@ def _event_data(event: bytes) -> bytes | None:
     return lines[0] if len(lines) == 1 else b"\n".join(lines)
 
 
-def _deadlines(timeouts: Timeouts) -> tuple[float | None, float | None]:
-    """Loop times by which the first byte (or chunk) and the whole answer must have arrived."""
-    start = asyncio.get_running_loop().time()
-    total_at = start + timeouts.total if timeouts.total else None
+def _deadlines(timeouts: Timeouts) -> tuple[Deadline | None, Deadline | None]:
+    """The deployment's deadlines for the first byte (or chunk) and for the whole answer, if it has any."""
+    if not timeouts.total and not timeouts.first_token:
+        return None, None
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    total = Deadline(start + timeouts.total, loop) if timeouts.total else None
     if not timeouts.first_token:
-        return total_at, total_at
+        return total, total
     first_at = start + timeouts.first_token
-    return (first_at if total_at is None else min(first_at, total_at)), total_at
+    return Deadline(first_at if total is None else min(first_at, total.when), loop), total
 
 
 def _passed_back(headers: Mapping[str, str]) -> dict[str, str]:
