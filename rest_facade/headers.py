@@ -21,10 +21,9 @@ from __future__ import annotations
 
 import math
 import re
-import uuid
 from collections.abc import Mapping
 
-from gateway.call import CallInfo
+from gateway.call import CallInfo, new_request_id
 from gateway.errors import InvalidRequestError
 
 REQUEST_ID = "x-request-id"
@@ -40,7 +39,7 @@ def request_id(headers: Mapping[str, str]) -> str:
     sent = headers.get(REQUEST_ID)
     if sent and len(sent) <= _MAX_REQUEST_ID and sent.isprintable() and sent.isascii():
         return sent
-    return uuid.uuid4().hex
+    return new_request_id()
 
 
 def call_info(headers: Mapping[str, str], rid: str, max_timeout: float) -> CallInfo:

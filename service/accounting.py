@@ -10,13 +10,12 @@ import asyncio
 import logging
 import os
 import time
-import uuid
 from typing import Any
 
 from prometheus_client.metrics import Counter
 
 from gateway import metrics
-from gateway.call import CallInfo
+from gateway.call import CallInfo, new_request_id
 from gateway.errors import (
     BadGatewayError,
     ClientClosedError,
@@ -106,7 +105,7 @@ class RequestRecord:
     def __init__(self, call: CallInfo, model: str, stream: bool) -> None:
         self.started = time.perf_counter()
         self.call = call
-        self.request_id = call.get("x-request-id") or uuid.uuid4().hex
+        self.request_id = call.get("x-request-id") or new_request_id()
         self.model = model
         self.stream = stream
         self.metrics = UNROUTED

@@ -104,6 +104,7 @@ def test_request_id_is_echoed_or_generated(stack: Stack, fake: FakeUpstream) -> 
     assert HEX_ID.fullmatch(made.headers["x-request-id"])
     insane = post(stack.base_url, HELLO, headers={"x-request-id": "x" * 500})
     assert HEX_ID.fullmatch(insane.headers["x-request-id"])
+    assert insane.headers["x-request-id"] != made.headers["x-request-id"]
     fake.stream(chunks())
     streamed = post(stack.base_url, {**HELLO, "stream": True}, headers={"x-request-id": "req-stream-1"})
     assert streamed.headers["x-request-id"] == "req-stream-1"
