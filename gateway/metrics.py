@@ -28,6 +28,10 @@ from prometheus_client import multiprocess as _multiprocess
 from prometheus_client import values as _values
 from prometheus_client.mmap_dict import MmapedDict, mmap_key
 
+from .logs import get_logger
+
+_log = get_logger("metrics")
+
 MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
 # How stale another worker's values may be in a scrape; the scraped worker's own are always current.
 FLUSH_INTERVAL = 0.5
@@ -108,7 +112,10 @@ async def flush_periodically(interval: float = FLUSH_INTERVAL) -> None:
     """The worker's flush timer: run as a task for the worker's life, then call `flush()` once more."""
     while True:
         await asyncio.sleep(interval)
-        flush()
+        try:
+            flush()
+        except Exception:  # a full disk, say: keep serving, keep trying
+            _log.error("cannot write metric values", exc_info=True)
 
 
 if MULTIPROCESS:
