@@ -9,7 +9,8 @@ response is parsed in C as it arrives.
 What it does: HTTP and HTTPS (the system's CA store; `SSL_CERT_FILE` is honoured), keep-alive reuse
 (LIFO, idle connections dropped after `keepalive` seconds or when the server closes them), a cap on
 open connections per origin, Content-Length, chunked and close-delimited bodies, a connect timeout,
-and a read timeout on upstream silence (between any two reads, as aiohttp's `sock_read`). What it does
+a read timeout on upstream silence (between any two reads, as aiohttp's `sock_read`), and a 64 KiB
+cap on a response head. What it does
 not: proxies, redirects, compression (no Accept-Encoding is sent, so bodies come as they are),
 pipelining, HTTP/2.
 """
@@ -26,6 +27,9 @@ import httptools
 
 # A slow reader of a fast stream: stop reading the socket past this many buffered bytes.
 _HIGH_WATER = 256 * 1024
+# llhttp sets no limit on a response head, and httptools gathers a header in memory until it ends:
+# an upstream that sends header bytes forever is cut off here (aiohttp's limit is 8 KiB per field).
+MAX_HEAD_BYTES = 64 * 1024
 
 
 class HTTPClientError(Exception):
@@ -113,6 +117,7 @@ class _Connection(asyncio.Protocol):
 
     def _reset(self) -> None:
         self.status = 0
+        self.head_bytes = 0  # bytes received before the final response head was complete
         self.header_items: list[tuple[str, str]] = []
         self.headers_done: asyncio.Future[None] | None = None
         self.chunks: list[bytes] = []
@@ -224,6 +229,12 @@ class _Connection(asyncio.Protocol):
             self._fail(ProtocolError(f"invalid HTTP response: {exc}"))
             self.close()
             return
+        if not self.status:  # all of it was head so far (interim 1xx heads included)
+            self.head_bytes += len(data)
+            if self.head_bytes > MAX_HEAD_BYTES:
+                self._fail(ProtocolError(f"the response head is larger than {MAX_HEAD_BYTES} bytes"))
+                self.close()
+                return
         if self.buffered > _HIGH_WATER and not self.paused and self.transport is not None:
             self.paused = True
             self.transport.pause_reading()
@@ -297,6 +308,7 @@ class Pool:
         self._idle: list[_Connection] = []
         self._open: set[_Connection] = set()
         self._waiters: collections.deque[asyncio.Future[_Connection | None]] = collections.deque()
+        self._handed = 0  # free slots handed to waiters that have not connected yet: still taken
         self._closed = False
 
     async def request(self, data: bytes, connect_timeout: float | None = None) -> Response:
@@ -321,10 +333,11 @@ class Pool:
             if connection.usable() and now - connection.idle_since < self.keepalive:
                 return connection
             connection.close()
-        if len(self._open) >= self.max_connections:
+        if len(self._open) + self._handed >= self.max_connections:
             connection_or_slot = await self._wait_turn()
             if connection_or_slot is not None:
                 return connection_or_slot
+            self._handed -= 1  # the slot is ours: _connect holds it from here
         return await self._connect(connect_timeout)
 
     async def _wait_turn(self) -> _Connection | None:
@@ -339,6 +352,7 @@ class Pool:
                 if handed is not None:
                     self.put_back(handed)
                 else:
+                    self._handed -= 1
                     self._hand_slot()
             raise
         finally:
@@ -393,6 +407,7 @@ class Pool:
             waiter = self._waiters.popleft()
             if not waiter.done():
                 waiter.set_result(None)
+                self._handed += 1
                 return
 
     async def close(self) -> None:

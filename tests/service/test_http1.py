@@ -261,6 +261,56 @@ def test_garbage_is_a_protocol_error() -> None:
     run(main())
 
 
+@pytest.mark.parametrize("shape", ["one endless header", "endless headers", "endless interim responses"])
+def test_an_endless_response_head_is_cut_off(shape: str) -> None:
+    """llhttp has no limit on a head: the client stops at MAX_HEAD_BYTES and closes the connection."""
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        if shape == "one endless header":
+            writer.write(b"HTTP/1.1 200 OK\r\nx-filler: ")
+            piece = b"a" * 4096
+        elif shape == "endless headers":
+            writer.write(b"HTTP/1.1 200 OK\r\n")
+            piece = b"x-filler: " + b"a" * 100 + b"\r\n"
+        else:
+            piece = b"HTTP/1.1 103 Early Hints\r\nlink: </x>\r\n\r\n"
+        try:
+            for _ in range(2 * http1.MAX_HEAD_BYTES // len(piece) + 100):
+                writer.write(piece)
+                await writer.drain()
+                await asyncio.sleep(0)
+            writer.write(b"\r\n\r\n" if shape != "endless interim responses" else OK)
+            await writer.drain()
+            if await reader.read(1) == b"":
+                server.closed_by_client.set()
+        except ConnectionError:  # the client hung up while the head was still coming
+            server.closed_by_client.set()
+
+    async def main() -> None:
+        nonlocal server
+        async with Server(script) as server:
+            with pytest.raises(http1.ProtocolError, match="head is larger"):
+                await asyncio.wait_for(post(http1.Pool(server.url())), 10)  # without the cap it would hang
+            await asyncio.wait_for(server.closed_by_client.wait(), 5)
+
+    server: Server
+    run(main())
+
+
+def test_a_large_head_within_the_limit_is_read() -> None:
+    big = b"".join(b"x-h%d: %s\r\n" % (i, b"v" * 200) for i in range(100))  # about 21 KB
+    reply = b"HTTP/1.1 200 OK\r\n" + big + b'content-length: 11\r\n\r\n{"ok":true}'
+
+    async def main() -> None:
+        async with Server(answering(reply)) as server:
+            pool = http1.Pool(server.url())
+            assert [await post(pool) for _ in range(5)] == [(200, b'{"ok":true}')] * 5
+            assert server.connections == 1  # the count starts again for each response on a connection
+
+    run(main())
+
+
 def test_an_interim_response_is_skipped() -> None:
     async def main() -> None:
         async with Server(answering(b"HTTP/1.1 103 Early Hints\r\nlink: </x>\r\n\r\n" + OK)) as server:
@@ -282,6 +332,25 @@ def test_the_connection_cap_queues_requests() -> None:
             results = await asyncio.gather(*(post(pool) for _ in range(8)))
             assert results == [(200, b'{"ok":true}')] * 8
             assert (server.connections, server.peak) == (2, 2)
+
+    run(main())
+
+
+def test_the_cap_holds_while_connections_close_and_requests_keep_coming() -> None:
+    """A slot freed by a closed connection belongs to the request waiting for it, not to a newcomer."""
+    closing = OK.replace(b"content-length", b"connection: close\r\ncontent-length")
+
+    async def main() -> None:
+        async with Server(answering(closing, then_close=True)) as server:
+            pool = http1.Pool(server.url(), max_connections=2)
+
+            async def client() -> None:
+                for _ in range(15):
+                    assert await post(pool) == (200, b'{"ok":true}')
+
+            await asyncio.gather(*(client() for _ in range(6)))
+            assert server.connections == 90
+            assert server.peak <= 2
 
     run(main())
 
