@@ -117,11 +117,16 @@ class MessageCodec(Generic[M]):
 
     def decode_into(self, message: Message, obj: dict[str, Any]) -> None:
         decoders = self._decoders
+        extra = None  # the message's extra map, looked up once it is needed (chunks carry 2-3 nulls each)
         for key, value in obj.items():
             decoder = decoders.get(key)
             if decoder is None or value is None or (type(value) is list and not value and key in self._repeated):
                 # Unknown keys, and known keys whose value the typed field cannot hold, keep their JSON.
-                self._set_extra(message, key, _NULL if value is None else _dumps_raw(value))
+                if extra is None:
+                    if self._extra is None:
+                        raise JsonMappingError("Unrecognized request argument supplied: {param}", key)
+                    extra = getattr(message, self._extra)
+                extra[key] = _NULL if value is None else _dumps_raw(value)
             else:
                 decoder(message, value)
 
@@ -149,11 +154,6 @@ class MessageCodec(Generic[M]):
         return orjson.dumps(self.encode(message))
 
     # ------------------------------------------------------------------ tables
-
-    def _set_extra(self, message: Message, key: str, raw: str) -> None:
-        if self._extra is None:
-            raise JsonMappingError("Unrecognized request argument supplied: {param}", key)
-        getattr(message, self._extra)[key] = raw
 
     def _build(self) -> None:
         repeated: set[str] = set()
