@@ -185,7 +185,9 @@ async def _stream(
     try:
         first = await anext(batches, None)
         # Headers go out only now, once the first message (or a clean empty end) has arrived.
-        response = await request.respond(headers={**sse.HEADERS, **_headers(rid, call)}, content_type=sse.CONTENT_TYPE)
+        response = await request.respond(
+            Response(headers={**sse.HEADERS, **_headers(rid, call)}, content_type=sse.CONTENT_TYPE)
+        )
         try:
             if first is None:
                 await response.send(sse.DONE, end_stream=True)
