@@ -9,8 +9,8 @@ event loop; the request head is rendered once per provider, so a request adds on
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Mapping
+from typing import Any, TypeVar
 
 import orjson
 
@@ -84,11 +84,9 @@ class OpenAICompatibleProvider:
             for key, value in call.metadata
             if key in _FORWARDED_METADATA and http1.safe_header(key, value)
         )
-        request = self._client().request(http1.with_body(head, orjson.dumps(body), extra), timeouts.connect)
-        if first is None:
-            return await request
-        async with first:
-            return await request
+        return await _within(
+            first, self._client().request(http1.with_body(head, orjson.dumps(body), extra), timeouts.connect)
+        )
 
     async def complete(
         self, request: chat_pb2.CreateChatCompletionRequest, upstream_model: str, call: CallInfo, timeouts: Timeouts
@@ -101,11 +99,7 @@ class OpenAICompatibleProvider:
         try:
             response = await self._post(self._head, body, call, timeouts, first)
             try:
-                if total is None:
-                    data = await response.read()
-                else:
-                    async with total:
-                        data = await response.read()
+                data = await _within(total, response.read())
             finally:
                 response.release()  # back to the pool when fully read, else the connection is closed
             if response.status != 200:
@@ -141,8 +135,7 @@ class OpenAICompatibleProvider:
             response = await self._post(self._stream_head, body, call, timeouts, first)
             try:
                 if response.status != 200:
-                    async with asyncio.timeout_at(total.when if total else None):
-                        error = await response.read()
+                    error = await _within(total, response.read())
                     raise UpstreamError(response.status, error, _passed_back(response.headers))
                 batches = sse_batches(response.blocks())
                 limit = first
@@ -241,6 +234,17 @@ def _deadlines(timeouts: Timeouts) -> tuple[Deadline | None, Deadline | None]:
         return total, total
     first_at = start + timeouts.first_token
     return Deadline(first_at if total is None else min(first_at, total.when), loop), total
+
+
+T = TypeVar("T")
+
+
+async def _within(deadline: Deadline | None, step: Awaitable[T]) -> T:
+    """`step` awaited inside the deployment's deadline, when it has one."""
+    if deadline is None:
+        return await step
+    async with deadline:
+        return await step
 
 
 def _passed_back(headers: Mapping[str, str]) -> dict[str, str]:
