@@ -140,7 +140,8 @@ def transcoding_handler(route: Route, backend: ChatBackend, max_timeout: float) 
 class Response(HTTPResponse):
     """Sanic's HTTPResponse with a cheaper header check. Sanic strips CR, LF and NUL from every header
     name and value with a per-character `str.translate`, about 1 us per header here; `isprintable()`
-    is one C pass and false for every control character, which then still goes through Sanic's."""
+    is one C pass and false for every control character, which then still goes through Sanic's.
+    `processed_headers` makes that check inline, and calls the method only for a string that fails it."""
 
     __slots__ = ()
 
@@ -158,8 +159,8 @@ class Response(HTTPResponse):
         for name, value in headers.items():
             text = value if type(value) is str else f"{value}"  # content-length is an int
             if not (name.isprintable() and text.isprintable()):
-                name = HTTPResponse._sanitize_header_value(name)
-                text = HTTPResponse._sanitize_header_value(text)
+                name = self._sanitize_header_value(name)
+                text = self._sanitize_header_value(text)
             out.append((name.encode("ascii"), text.encode(errors="surrogateescape")))
         return out
 
