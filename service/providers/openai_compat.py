@@ -8,34 +8,27 @@ event loop; the request head is rendered once per provider, so a request adds on
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator, Awaitable, Mapping
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator
 
 import orjson
 
 from gateway.call import CallInfo
 from gateway.config import ProviderConfig, Timeouts
-from gateway.errors import (
-    BadGatewayError,
-    GatewayError,
-    UpstreamError,
-    UpstreamTimeoutError,
-    UpstreamUnavailableError,
-)
+from gateway.errors import BadGatewayError, GatewayError, UpstreamError
 from gateway.jsonpb import JsonMappingError, MessageCodec
 from llm_gateway.v1 import chat_pb2
 
-from ..deadline import Deadline
 from . import http1
+from .http_provider import HTTPProvider
+from .http_provider import deadlines as _deadlines
+from .http_provider import passed_back as _passed_back
+from .http_provider import transport_error as _transport_error
+from .http_provider import within as _within
 
 _REQUEST = MessageCodec.for_type(chat_pb2.CreateChatCompletionRequest)
 _COMPLETION = MessageCodec.for_type(chat_pb2.ChatCompletion)
 _CHUNK = MessageCodec.for_type(chat_pb2.ChatCompletionChunk)
 
-# Client metadata that may travel upstream; never `authorization`, which is the gateway's own.
-_FORWARDED_METADATA = ("traceparent", "tracestate")
-_PASSED_BACK_HEADERS = ("retry-after", "retry-after-ms")
 _DONE = b"[DONE]"
 
 
@@ -50,43 +43,15 @@ def chat_url(config: ProviderConfig) -> str:
     return base + "/chat/completions"
 
 
-class OpenAICompatibleProvider:
+class OpenAICompatibleProvider(HTTPProvider):
     def __init__(self, config: ProviderConfig) -> None:
-        self.name = config.name
-        self.type = config.type
-        self.url = chat_url(config)
-        self._config = config
+        super().__init__(config, chat_url(config))
         headers = {"content-type": "application/json", "accept": "application/json"}
         headers.update((key.lower(), value) for key, value in config.headers.items())
         if config.api_key:
             headers["authorization"] = f"Bearer {config.api_key}"
         self._head = http1.render_head("POST", self.url, headers)
         self._stream_head = http1.render_head("POST", self.url, {**headers, "accept": "text/event-stream"})
-        self._pool: http1.Pool | None = None
-
-    def _client(self) -> http1.Pool:
-        if self._pool is None:
-            config = self._config
-            self._pool = http1.Pool(
-                self.url,
-                max_connections=config.max_connections,
-                connect_timeout=config.connect_timeout,
-                read_timeout=config.read_timeout,
-            )
-        return self._pool
-
-    async def _post(
-        self, head: bytes, body: dict[str, Any], call: CallInfo, timeouts: Timeouts, first: Deadline | None
-    ) -> http1.Response:
-        """Send the request; return once the response head is in, by the `first` deadline at the latest."""
-        extra = b"".join(
-            f"{key}: {value}\r\n".encode("latin-1")
-            for key, value in call.metadata
-            if key in _FORWARDED_METADATA and http1.safe_header(key, value)
-        )
-        return await _within(
-            first, self._client().request(http1.with_body(head, orjson.dumps(body), extra), timeouts.connect)
-        )
 
     async def complete(
         self, request: chat_pb2.CreateChatCompletionRequest, upstream_model: str, call: CallInfo, timeouts: Timeouts
@@ -186,11 +151,6 @@ class OpenAICompatibleProvider:
         except JsonMappingError as exc:
             raise BadGatewayError(f"Provider {self.name} sent an invalid stream event: {exc}") from None
 
-    async def close(self) -> None:
-        if self._pool is not None:
-            await self._pool.close()
-            self._pool = None
-
 
 async def sse_batches(blocks: AsyncIterator[bytes]) -> AsyncIterator[list[bytes]]:
     """The `data` of Server-Sent Events in a byte stream read in blocks of any size: one list per
@@ -217,52 +177,11 @@ async def sse_batches(blocks: AsyncIterator[bytes]) -> AsyncIterator[list[bytes]
 def _event_data(event: bytes) -> bytes | None:
     if event.startswith(b"data: ") and b"\n" not in event:  # what every provider sends: one data line
         return event[6:]
+    if event.startswith(b"event: "):  # what Anthropic sends: a name line, then one data line
+        at = event.find(b"\ndata: ")
+        if at > 0 and event.find(b"\n", at + 1) < 0:
+            return event[at + 7 :]
     lines = [line[5:].removeprefix(b" ") for line in event.split(b"\n") if line.startswith(b"data:")]
     if not lines:
         return None
     return lines[0] if len(lines) == 1 else b"\n".join(lines)
-
-
-def _deadlines(timeouts: Timeouts) -> tuple[Deadline | None, Deadline | None]:
-    """The deployment's deadlines for the first byte (or chunk) and for the whole answer, if it has any."""
-    if not timeouts.total and not timeouts.first_token:
-        return None, None
-    loop = asyncio.get_running_loop()
-    start = loop.time()
-    total = Deadline(start + timeouts.total, loop) if timeouts.total else None
-    if not timeouts.first_token:
-        return total, total
-    first_at = start + timeouts.first_token
-    return Deadline(first_at if total is None else min(first_at, total.when), loop), total
-
-
-T = TypeVar("T")
-
-
-async def _within(deadline: Deadline | None, step: Awaitable[T]) -> T:
-    """`step` awaited inside the deployment's deadline, when it has one."""
-    if deadline is None:
-        return await step
-    async with deadline:
-        return await step
-
-
-def _passed_back(headers: Mapping[str, str]) -> dict[str, str]:
-    return {
-        key.lower(): value
-        for key, value in headers.items()
-        if key.lower() in _PASSED_BACK_HEADERS or key.lower().startswith("x-ratelimit-")
-    }
-
-
-def _transport_error(exc: BaseException, provider: str) -> GatewayError:
-    """Map an HTTP client or asyncio failure to the gateway's error, once, at the boundary."""
-    if isinstance(exc, (TimeoutError, http1.ReadTimeout, http1.ConnectTimeout)):
-        return UpstreamTimeoutError(f"Provider {provider} timed out.")
-    if isinstance(exc, http1.ConnectError):
-        return UpstreamUnavailableError(f"Provider {provider} is unreachable: {exc}")
-    if isinstance(exc, http1.Disconnected):
-        return UpstreamUnavailableError(f"Provider {provider} closed the connection mid-response.")
-    if isinstance(exc, http1.HTTPClientError):
-        return BadGatewayError(f"Provider {provider} failed: {exc}")
-    return BadGatewayError(f"Provider {provider} failed: {type(exc).__name__}")
