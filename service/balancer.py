@@ -1,8 +1,10 @@
 """Deployments of one model: their health (cooldown), and which one serves the next attempt.
 
 A deployment that fails retryably `cooldown_failures` times within `cooldown_window` seconds is
-skipped for `cooldown_seconds`; after that it gets one trial request, which either heals it or sends
-it back to cooldown. State is per worker process.
+skipped for `cooldown_seconds` while another candidate is available; after that it gets one trial
+request, which either heals it or sends it back to cooldown. Cooldown never refuses a request: when
+every candidate cools down, the request is the trial of the one whose cooldown ends first (see
+retry.AttemptPlan). State is per worker process.
 
 Load balancing:
 - `weighted`: a random pick in proportion to `weight` (weight 0 takes traffic only when nothing else is
@@ -57,9 +59,9 @@ class DeploymentState:
         # Healthy, or cooled down long enough to be due a trial request.
         return self.state == HEALTHY or (self.state == COOLDOWN and now >= self.cooldown_until)
 
-    def started(self, now: float) -> None:
+    def started(self) -> None:
         self.in_flight += 1
-        if self.state == COOLDOWN and now >= self.cooldown_until:
+        if self.state == COOLDOWN:  # its cooldown is over, or nothing else could serve: a trial
             self._set(TRIAL)
 
     def succeeded(self) -> None:
@@ -75,10 +77,10 @@ class DeploymentState:
             if self.state == TRIAL:
                 self._set(HEALTHY)  # it answered; the request was at fault
             return
-        settings = self._settings
-        if self.state == TRIAL:
+        if self.state != HEALTHY:  # a trial failed (or a request that was in flight when it cooled)
             self._enter_cooldown(now)
             return
+        settings = self._settings
         failures = self._failures
         failures.append(now)
         while failures and failures[0] < now - settings.cooldown_window:
@@ -110,7 +112,7 @@ class Balancer:
 
     def pick(self, tried: set[DeploymentState]) -> DeploymentState | None:
         """A deployment for the next attempt, preferring ones this request has not tried yet; None when
-        every deployment is cooling down."""
+        every deployment is cooling down (or on trial)."""
         now = time.monotonic()
         if len(self.states) == 1:  # the common case: no lists, no random draw
             only = self.states[0]
@@ -128,5 +130,12 @@ class Balancer:
             return fresh[0]
         return random.choices(fresh, weights=weights)[0]
 
-    def soonest_recovery(self) -> float:
-        return max(0.0, min(s.cooldown_until for s in self.states) - time.monotonic())
+    def soonest(self) -> DeploymentState:
+        """The deployment whose cooldown ends first (one already on trial ended in the past)."""
+        if len(self.states) == 1:
+            return self.states[0]
+        return min(self.states, key=_cooldown_end)
+
+
+def _cooldown_end(state: DeploymentState) -> float:
+    return state.cooldown_until

@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator
 from gateway import metrics, tracing
 from gateway.call import CallInfo
 from gateway.config import Config
-from gateway.errors import GatewayError, InvalidRequestError, UpstreamUnavailableError
+from gateway.errors import GatewayError, InvalidRequestError
 from llm_gateway.v1 import chat_pb2
 
 from .accounting import RequestRecord
@@ -104,7 +104,7 @@ class ChatCore:
             record.in_upstream = False
             self._answered(attempt, call)
             return response
-        raise self._exhausted(plan, error)
+        raise self._exhausted(error)
 
     # ------------------------------------------------------------------ streaming
 
@@ -214,7 +214,7 @@ class ChatCore:
                 raise
             self._answered(attempt, call)
             return attempt, batches, first
-        raise self._exhausted(plan, error)
+        raise self._exhausted(error)
 
     @staticmethod
     async def _next_batch(
@@ -271,7 +271,7 @@ class ChatCore:
         record.served_by = attempt.model
         record.deployment = state.deployment.name
         record.in_upstream = True
-        state.started(time.monotonic())
+        state.started()
         if spans is not None and state.provider.url:
             return spans.upstream(attempt.model, state.deployment, state.provider.type, state.provider.url, call)
         return call
@@ -296,17 +296,11 @@ class ChatCore:
         )
 
     @staticmethod
-    def _exhausted(plan: AttemptPlan, error: GatewayError | None) -> GatewayError:
-        if error is not None:
-            return error
-        cooling = plan.cooling_down()
-        seconds = cooling[1] if cooling else 0.0
-        return UpstreamUnavailableError(
-            f"Every deployment of '{cooling[0] if cooling else '?'}' is cooling down after failures; "
-            f"retry in {seconds:.0f}s.",
-            code="deployments_cooling_down",
-            headers={"retry-after": str(max(1, round(seconds)))},
-        )
+    def _exhausted(error: GatewayError | None) -> GatewayError:
+        """The last attempt's error: a plan always makes a first attempt (cooldown never refuses one)."""
+        if error is None:
+            raise RuntimeError("an attempt plan ended before its first attempt")
+        return error
 
     # ------------------------------------------------------------------ models
 

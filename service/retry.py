@@ -7,6 +7,10 @@ An attempt plan walks the model's deployments (up to `retries` attempts after th
 fallback model in order with the same budget. A retry on the same deployment waits an exponential
 backoff with full jitter, or the upstream's Retry-After when that is longer; a wait that does not fit
 the request's deadline is not taken, and the plan moves on to the next model instead.
+
+Cooldown steers attempts away from failing deployments, but never refuses a request: when every
+deployment of the chain (the model's and its fallbacks') cools down, the first attempt goes to the
+one whose cooldown ends first, as its trial (Envoy's panic mode). Its failure is the client's answer.
 """
 
 from __future__ import annotations
@@ -98,11 +102,21 @@ class AttemptPlan:
             self._tries = 0
             self._tried = set()
             self._last = None
-        return None
+        if self.attempts:
+            return None
+        return self._trial()
 
-    @property
-    def fell_back(self) -> bool:
-        return self._index > 0
+    def _trial(self) -> Attempt:
+        """Every candidate cools down: the first attempt goes to the one whose cooldown ends first."""
+        balancer = self._balancers[0]
+        state = balancer.soonest()
+        for other in self._balancers[1:]:  # only when the chain has fallbacks
+            candidate = other.soonest()
+            if candidate.cooldown_until < state.cooldown_until:
+                balancer, state = other, candidate
+        self.attempts = 1
+        self._last = state
+        return Attempt(balancer.route.name, state, 0.0, 1)
 
     def _wait(self, state: DeploymentState, error: GatewayError | None) -> float | None:
         if error is None or state is not self._last:
@@ -115,10 +129,3 @@ class AttemptPlan:
         if time.monotonic() + wait >= self._deadline:
             return None
         return wait
-
-    def cooling_down(self) -> tuple[str, float] | None:
-        """When nothing was attempted because every deployment cools down: the model and seconds left."""
-        if self.attempts or not self._balancers:
-            return None
-        first = self._balancers[0]
-        return first.route.name, first.soonest_recovery()

@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
+import httpx
 import pytest
 
 from gateway.jsonpb import MessageCodec
@@ -64,6 +65,11 @@ def _unary(
 ) -> tuple[chat_pb2.ChatCompletion, dict[str, str]]:
     response, call = stub.CreateChatCompletion.with_call(request, timeout=timeout)
     return response, dict(call.initial_metadata())
+
+
+def _served(metadata: dict[str, str]) -> tuple[str, str, str]:
+    """What answered: the model, the deployment, and after how many attempts."""
+    return metadata["x-llm-gateway-model"], metadata["x-llm-gateway-deployment"], metadata["x-llm-gateway-attempts"]
 
 
 def test_retry_on_500_then_success(fakes: dict[str, FakeUpstream], start: Callable[..., Any]) -> None:
@@ -155,12 +161,7 @@ def test_fallback_when_every_deployment_fails(fakes: dict[str, FakeUpstream], st
     fakes["backup"].reply(200, completion("from the spare"))
     response, metadata = _unary(stub)
     assert response.choices[0].message.content == "from the spare"
-    assert metadata == {
-        **metadata,
-        "x-llm-gateway-model": "spare",
-        "x-llm-gateway-deployment": "backup/spare-upstream",
-        "x-llm-gateway-attempts": "3",
-    }
+    assert _served(metadata) == ("spare", "backup/spare-upstream", "3")
     assert fakes["backup"].last().json["model"] == "spare-upstream"
 
 
@@ -231,19 +232,99 @@ def test_cooldown_skips_a_failing_deployment_then_tries_it_again(
     assert metadata["x-llm-gateway-deployment"] == "a"
 
 
-def test_all_deployments_cooling_down_is_unavailable_with_retry_after(
+@pytest.mark.parametrize("stream", [False, True], ids=["unary", "stream"])
+def test_seed_config_three_503s_then_the_upstream_recovers_the_next_request_succeeds(
+    fakes: dict[str, FakeUpstream], gateway_factory: Callable[..., GatewayProcess], stream: bool
+) -> None:
+    # The seed config's shape: one provider, one deployment per model, routing at its defaults.
+    upstream = fakes["a"]
+    config = {
+        "providers": {"openai": {"api_url": f"{upstream.url}/v1", "api_key": "sk-test", "is_openai_compatible": True}},
+        "models": {"gpt-4o-mini": "openai"},
+    }
+    gateway = gateway_factory(config)
+    down = {"error": {"message": "overloaded", "type": "server_error", "param": None, "code": None}}
+    upstream.script(*(upstream.replying(503, down) for _ in range(3)))
+    upstream.by_stream_flag()
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "stream": stream}
+    url = f"{gateway.base_url}/v1/chat/completions"
+    first = httpx.post(url, json=body, timeout=30)
+    assert first.status_code == 503
+    assert first.json()["error"]["message"] == "overloaded"  # the upstream's own error
+    assert len(upstream.received) == 3
+    state = 'llm_gateway_deployment_state{deployment="openai/gpt-4o-mini",model="gpt-4o-mini"}'
+    assert f"{state} 1.0" in httpx.get(f"{gateway.base_url}/metrics").text  # cooling down
+
+    second = httpx.post(url, json=body, timeout=30)
+    assert second.status_code == 200, second.text
+    assert ("data: [DONE]" in second.text) if stream else second.json()["choices"][0]["message"]["content"]
+    assert len(upstream.received) == 4
+    assert f"{state} 0.0" in httpx.get(f"{gateway.base_url}/metrics").text  # the trial closed the breaker
+
+
+def test_cooldown_keeps_avoiding_a_failing_deployment_while_another_is_healthy(
+    fakes: dict[str, FakeUpstream], gateway_factory: Callable[..., GatewayProcess]
+) -> None:
+    config = _config(fakes, retries=1, cooldown_failures=2, cooldown_seconds=30)
+    config["models"]["main"]["deployments"][1]["weight"] = 1
+    config["models"]["main"]["load_balancing"] = "least_inflight"  # a tie goes to a: it is tried until benched
+    gateway = gateway_factory(config, args=("--grpc-only",))
+    stub = chat_pb2_grpc.ChatServiceStub(gateway.channel())
+    fakes["a"].reply(503, {"error": {"message": "a is down", "type": "server_error"}})
+    served = [_unary(stub)[1] for _ in range(20)]
+    assert {m["x-llm-gateway-deployment"] for m in served} == {"b"}
+    assert len(fakes["a"].received) == 2  # its two failures benched it; it got no trial while b was healthy
+    assert [m["x-llm-gateway-attempts"] for m in served] == ["2", "2"] + ["1"] * 18
+    assert not fakes["backup"].received
+
+
+def test_when_the_whole_chain_cools_down_the_soonest_to_recover_gets_the_request(
+    fakes: dict[str, FakeUpstream], start: Callable[..., Any]
+) -> None:
+    stub = start(retries=1, cooldown_failures=1, cooldown_seconds=30)
+    a, b, backup = fakes["a"], fakes["b"], fakes["backup"]
+    for name, fake in fakes.items():
+        fake.reply(500, {"error": {"message": f"{name} is down", "type": "server_error"}})
+    with pytest.raises(grpc.RpcError) as info:  # a, b, then the fallback fail, in that order: all cool down
+        _unary(stub)
+    assert info.value.details() == "backup is down"
+    assert (len(a.received), len(b.received), len(backup.received)) == (1, 1, 1)
+
+    # a cooled first, so it ends first: its trial fails, and the client gets a's own error.
+    with pytest.raises(grpc.RpcError) as info:
+        _unary(stub)
+    assert info.value.code() == grpc.StatusCode.INTERNAL
+    assert info.value.details() == "a is down"
+    assert (len(a.received), len(b.received), len(backup.received)) == (2, 1, 1)
+
+    # a cools down again, from now: b's cooldown ends first. b has recovered: its trial heals it.
+    b.reply(200, completion("b is back"))
+    response, metadata = _unary(stub)
+    assert response.choices[0].message.content == "b is back"
+    assert _served(metadata) == ("main", "b", "1")
+    b.stream(chunks(("healthy",)))
+    call = stub.StreamChatCompletion(STREAM, timeout=20)
+    assert "".join(c.choices[0].delta.content for c in call if c.choices) == "healthy"
+    assert dict(call.initial_metadata())["x-llm-gateway-deployment"] == "b"
+    assert (len(a.received), len(backup.received)) == (2, 1)
+
+
+def test_when_a_fallback_recovers_first_the_model_is_served_by_its_trial(
     fakes: dict[str, FakeUpstream], start: Callable[..., Any]
 ) -> None:
     stub = start(retries=0, cooldown_failures=1, cooldown_seconds=30)
-    fakes["a"].reply(500, {"error": {"message": "down", "type": "server_error"}})
-    request = REQUEST.decode({"model": "solo", "messages": [{"role": "user", "content": "hi"}]})
-    with pytest.raises(grpc.RpcError):
-        _unary(stub, request)
-    with pytest.raises(grpc.RpcError) as info:
-        _unary(stub, request)
-    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert "cooling down" in (info.value.details() or "")
-    assert len(fakes["a"].received) == 1
+    for fake in fakes.values():
+        fake.script(fake.replying(503, {"error": {"message": "busy", "type": "server_error"}}))
+    spare = REQUEST.decode({"model": "spare", "messages": [{"role": "user", "content": "hi"}]})
+    for request in (spare, UNARY, UNARY):  # the spare's deployment cools down first, then a, then b
+        with pytest.raises(grpc.RpcError) as info:
+            _unary(stub, request)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE and info.value.details() == "busy"
+    assert [len(fake.received) for fake in fakes.values()] == [1, 1, 1]
+    response, metadata = _unary(stub)
+    assert response.choices[0].message.content == "Hello!"
+    assert _served(metadata) == ("spare", "backup/spare-upstream", "1")
+    assert [len(fake.received) for fake in fakes.values()] == [1, 1, 2]
 
 
 def test_weighted_balancing_follows_the_weights(fakes: dict[str, FakeUpstream], start: Callable[..., Any]) -> None:
