@@ -12,6 +12,8 @@ so a request costs a dict lookup and a setattr per key.
 
 from __future__ import annotations
 
+import base64
+import binascii
 from collections.abc import Callable
 from typing import Any, ClassVar, Generic, TypeVar
 
@@ -27,6 +29,7 @@ M = TypeVar("M", bound=Message)
 _RAW_JSON = chat_pb2.raw_json
 _EXTRA_JSON = chat_pb2.extra_json
 _JSON_VARIANT = chat_pb2.json_variant
+_JSON_ARRAY = chat_pb2.json_array
 
 _NULL = "null"
 _EMPTY_LIST = "[]"
@@ -184,6 +187,8 @@ class MessageCodec(Generic[M]):
         name = field.name
         if field.message_type is not None:
             sub = MessageCodec._for_descriptor(field.message_type, _message_class(field))
+            if _option(field.message_type.GetOptions(), _JSON_ARRAY):
+                return _array_decoder(name, sub, _is_repeated(field))
             if _is_repeated(field):
 
                 def decode_messages(message: Message, value: Any) -> None:
@@ -228,9 +233,19 @@ class MessageCodec(Generic[M]):
                 for i, item in enumerate(value):
                     if not check(item):
                         raise _type_error(f"{name}[{i}]", expected, item)
-                getattr(message, name).extend(value)
+                try:
+                    getattr(message, name).extend(value)
+                except ValueError:
+                    raise JsonMappingError("Invalid value in '{param}': a number is out of range.", name) from None
 
             return decode_scalars
+
+        if field.type == FieldDescriptor.TYPE_BYTES:
+
+            def decode_bytes(message: Message, value: Any) -> None:
+                setattr(message, name, _base64(value, name))
+
+            return decode_bytes
 
         if field.type == FieldDescriptor.TYPE_STRING:  # the common case, and one that cannot overflow
 
@@ -254,41 +269,59 @@ class MessageCodec(Generic[M]):
     def _field_encoder(self, field: FieldDescriptor) -> Encoder | None:
         if field.message_type is not None:
             sub = MessageCodec._for_descriptor(field.message_type, _message_class(field))
+            if _option(field.message_type.GetOptions(), _JSON_ARRAY):
+                (inner,) = field.message_type.fields
+                inner_name = inner.name
+                if _is_repeated(field):
+                    return lambda value: [sub.encode(item).get(inner_name, []) for item in value]
+                return lambda value: sub.encode(value).get(inner_name, [])
             if _is_repeated(field):
                 return lambda value: [sub.encode(item) for item in value]
             return sub.encode
         if _option(field.GetOptions(), _RAW_JSON):
             return orjson.Fragment
+        if field.type == FieldDescriptor.TYPE_BYTES:
+            return _base64_text if not _is_repeated(field) else lambda value: [_base64_text(v) for v in value]
         if _is_repeated(field):
             return list
         return None
 
     def _variant_decoder(self, oneof: OneofDescriptor) -> Decoder:
         key = oneof.name
-        text_field = raw_field = list_field = None
-        list_item = ""
-        list_codec: MessageCodec[Any] | None = None
+        text_field = raw_field = None
+        text_is_bytes = False
+        # Array members: (member, its one repeated field, codec) by the JSON type of the array's items.
+        lists: dict[type, tuple[str, str, MessageCodec[Any]]] = {}
         for member in oneof.fields:
             if member.message_type is not None:
-                list_field = member.name
                 (inner,) = member.message_type.fields
-                list_item = inner.name
-                list_codec = MessageCodec._for_descriptor(member.message_type, _message_class(member))
+                codec = MessageCodec._for_descriptor(member.message_type, _message_class(member))
+                for kind in _item_kinds(inner):
+                    lists.setdefault(kind, (member.name, inner.name, codec))
             elif _option(member.GetOptions(), _RAW_JSON):
                 raw_field = member.name
             else:
                 text_field = member.name
+                text_is_bytes = member.type == FieldDescriptor.TYPE_BYTES
         expected = " or ".join(
             kind
-            for kind, present in (("a string", text_field), ("an array", list_field), ("an object", raw_field))
+            for kind, present in (("a string", text_field), ("an array", lists), ("an object", raw_field))
             if present
         )
+        # One array member takes any array: its own decoder names a wrong item. Several are told apart
+        # by the first item (a string, an integer, an array, ...).
+        only = next(iter(lists.values())) if len({m for m, _, _ in lists.values()}) == 1 else None
+        item_kinds = " or ".join(sorted({_KIND_NAMES[kind] for kind in lists}))
 
         def decode_variant(message: Message, value: Any) -> None:
             kind = type(value)
             if kind is str and text_field:
-                setattr(message, text_field, value)
-            elif kind is list and list_field and list_codec is not None:
+                setattr(message, text_field, _base64(value, key) if text_is_bytes else value)
+            elif kind is list and lists:
+                chosen = only or lists.get(type(value[0]))
+                if chosen is None:
+                    raise _type_error(f"{key}[0]", item_kinds, value[0])
+                list_field, list_item, list_codec = chosen
                 try:
                     list_codec.decode_into(getattr(message, list_field), {list_item: value})
                 except JsonMappingError as exc:
@@ -313,7 +346,78 @@ class MessageCodec(Generic[M]):
             return encode_list
         if _option(member.GetOptions(), _RAW_JSON):
             return orjson.Fragment
+        if member.type == FieldDescriptor.TYPE_BYTES:
+            return _base64_text
         return None
+
+
+def _array_decoder(name: str, sub: MessageCodec[Any], repeated: bool) -> Decoder:
+    """A field of a json_array message type: the message (or each one) is a JSON array."""
+    (inner,) = sub.descriptor.fields
+    item = inner.name
+
+    def decode_one(child: Message, value: Any, path: str) -> None:
+        if type(value) is not list:
+            raise _type_error(path, "an array", value)
+        try:
+            sub.decode_into(child, {item: value})
+        except JsonMappingError as exc:
+            raise JsonMappingError(exc.template, path + exc.param[len(item) :]) from None
+
+    if not repeated:
+
+        def decode_array(message: Message, value: Any) -> None:
+            child = getattr(message, name)
+            child.SetInParent()
+            decode_one(child, value, name)
+
+        return decode_array
+
+    def decode_arrays(message: Message, value: Any) -> None:
+        if type(value) is not list:
+            raise _type_error(name, "an array of arrays", value)
+        container = getattr(message, name)
+        for i, array in enumerate(value):
+            decode_one(container.add(), array, f"{name}[{i}]")
+
+    return decode_arrays
+
+
+def _base64(value: Any, key: str) -> bytes:
+    if type(value) is not str:
+        raise _type_error(key, "a base64 string", value)
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise JsonMappingError("Invalid value for '{param}': not a base64 string.", key) from None
+
+
+def _base64_text(value: bytes) -> str:
+    """Standard base64 with padding, as OpenAI writes it (proto3 JSON's form of bytes, too)."""
+    return base64.b64encode(value).decode("ascii")
+
+
+def _item_kinds(field: FieldDescriptor) -> tuple[type, ...]:
+    """The JSON types (as orjson decodes them) of the items of an array held by this repeated field."""
+    if field.message_type is not None:
+        return (list,) if _option(field.message_type.GetOptions(), _JSON_ARRAY) else (dict,)
+    if field.type in INTEGER_TYPES:
+        return (int,)
+    if field.type in (FieldDescriptor.TYPE_DOUBLE, FieldDescriptor.TYPE_FLOAT):
+        return (float, int)
+    if field.type == FieldDescriptor.TYPE_BOOL:
+        return (bool,)
+    return (str,)
+
+
+_KIND_NAMES = {
+    list: "an array",
+    dict: "an object",
+    int: "an integer",
+    float: "a number",
+    bool: "a boolean",
+    str: "a string",
+}
 
 
 def _is_repeated(field: FieldDescriptor) -> bool:
@@ -363,4 +467,5 @@ _SCALAR_CHECKS: dict[int, tuple[Callable[[Any], bool], str]] = {
     FieldDescriptor.TYPE_FLOAT: (_is_number, "a number"),
     FieldDescriptor.TYPE_STRING: (_is_str, "a string"),
     FieldDescriptor.TYPE_BOOL: (_is_bool, "a boolean"),
+    FieldDescriptor.TYPE_BYTES: (_is_str, "a base64 string"),
 }

@@ -132,9 +132,13 @@ OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 
 
 _LABELS = ("model", "provider")
 
-PROMPT_TOKENS = Counter("llm_gateway_prompt_tokens", "Prompt tokens served, from upstream usage.", _LABELS)
-COMPLETION_TOKENS = Counter("llm_gateway_completion_tokens", "Completion tokens served, from upstream usage.", _LABELS)
-TOTAL_TOKENS = Counter("llm_gateway_total_tokens", "Total tokens served, from upstream usage.", _LABELS)
+# `usage`: "reported" when the upstream said, "estimated" when the gateway counted (service/usage_estimate.py).
+# Queries that sum by model and provider count both, as before the label existed.
+_TOKEN_LABELS = (*_LABELS, "usage")
+USAGE_REPORTED, USAGE_ESTIMATED = "reported", "estimated"
+PROMPT_TOKENS = Counter("llm_gateway_prompt_tokens", "Prompt tokens served.", _TOKEN_LABELS)
+COMPLETION_TOKENS = Counter("llm_gateway_completion_tokens", "Completion tokens served.", _TOKEN_LABELS)
+TOTAL_TOKENS = Counter("llm_gateway_total_tokens", "Total tokens served.", _TOKEN_LABELS)
 
 REQUESTS = Counter(
     "llm_gateway_requests",
@@ -175,6 +179,13 @@ UPSTREAM_ERRORS = Counter(
     "llm_gateway_upstream_errors",
     "Failed upstream calls by error type (timeout, unavailable, bad_response, http_<status>).",
     ("provider", "type"),
+)
+
+UPSTREAM_CONNECTION_RETRIES = Counter(
+    "llm_gateway_upstream_connection_retries",
+    "Requests sent again at once on a new connection because the upstream closed the kept-alive one"
+    " as it was reused, before answering (not a routing retry; no backoff, no cooldown).",
+    ("provider",),
 )
 
 GRPC_HANDLED = Counter(
@@ -223,6 +234,30 @@ FALLBACKS = Counter(
     ("model", "fallback"),
 )
 
+# Spend and the usage ledger. `key` is the gateway key's name ("none" when auth is off); money is a
+# float here only because Prometheus counters are: the ledger holds integer micro-dollars.
+COST = Counter(
+    "llm_gateway_cost_usd",
+    "Cost of the upstream usage in USD, from the price table or the model's configured price.",
+    ("model", "provider", "key"),
+)
+UNPRICED = Counter(
+    "llm_gateway_unpriced_requests",
+    "Requests with upstream usage whose model has no price: their cost is unknown (and counted as 0).",
+    _LABELS,
+)
+LEDGER_BUFFERED = Gauge(
+    "llm_gateway_ledger_buffered",
+    "Usage records waiting in memory for the ledger database.",
+    multiprocess_mode="livesum",
+)
+LEDGER_WRITTEN = Counter("llm_gateway_ledger_written", "Usage records written to the ledger database.")
+LEDGER_DROPPED = Counter(
+    "llm_gateway_ledger_dropped",
+    "Usage records lost: the oldest, dropped from a full buffer, or still unwritten when the worker stopped.",
+)
+LEDGER_ERRORS = Counter("llm_gateway_ledger_write_errors", "Failed writes of a batch to the ledger database.")
+
 
 def _count_tasks() -> float:
     import asyncio
@@ -236,3 +271,32 @@ def _count_tasks() -> float:
 if not MULTIPROCESS:
     # Leak checks read this next to prometheus-client's process_open_fds and process_resident_memory_bytes.
     Gauge("llm_gateway_asyncio_tasks", "asyncio tasks alive in this worker's event loop.").set_function(_count_tasks)
+
+# Tenancy: per gateway API key (the key's configured name, never its secret; "none" when auth is off).
+KEY_REQUESTS = Counter(
+    "llm_gateway_key_requests",
+    "Chat requests by gateway API key, model and outcome (the HTTP status).",
+    ("key", "model", "outcome"),
+)
+KEY_TOKENS = Counter(
+    "llm_gateway_key_tokens",
+    "Tokens by gateway API key and model, from upstream usage; type is prompt or completion.",
+    ("key", "model", "type"),
+)
+RATE_LIMITED = Counter(
+    "llm_gateway_rate_limited",
+    "Requests refused by the gateway's own limits: scope key or model; kind requests, tokens, parallel or"
+    " too_large.",
+    ("key", "scope", "kind"),
+)
+STATE_BACKEND_UP = Gauge(
+    "llm_gateway_state_backend_up",
+    "1 while the shared state backend (Redis) answers; 0 while limits fall back to each process.",
+    ("backend",),
+    multiprocess_mode="livemin",
+)
+STATE_BACKEND_ERRORS = Counter(
+    "llm_gateway_state_backend_errors",
+    "Failed or timed-out calls to the shared state backend.",
+    ("backend",),
+)

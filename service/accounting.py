@@ -10,7 +10,7 @@ import asyncio
 import logging
 import os
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client.metrics import Counter
 
@@ -28,6 +28,10 @@ from gateway.errors import (
 from gateway.logs import get_logger
 from llm_gateway.v1 import chat_pb2
 
+if TYPE_CHECKING:
+    from .spend import SpendMeter
+    from .tenancy import Tenant
+
 log = get_logger("service")
 _PID = os.getpid()  # per worker: each is a process of its own, spawned fresh
 
@@ -39,9 +43,11 @@ class RouteMetrics:
         self.model = model
         self.provider = provider
         labels = (model, provider)
-        self.prompt_tokens = metrics.PROMPT_TOKENS.labels(*labels)
-        self.completion_tokens = metrics.COMPLETION_TOKENS.labels(*labels)
-        self.total_tokens = metrics.TOTAL_TOKENS.labels(*labels)
+        # Indexed by RequestRecord.usage_estimated: [reported, estimated].
+        kinds = (metrics.USAGE_REPORTED, metrics.USAGE_ESTIMATED)
+        self.prompt_tokens = tuple(metrics.PROMPT_TOKENS.labels(*labels, kind) for kind in kinds)
+        self.completion_tokens = tuple(metrics.COMPLETION_TOKENS.labels(*labels, kind) for kind in kinds)
+        self.total_tokens = tuple(metrics.TOTAL_TOKENS.labels(*labels, kind) for kind in kinds)
         self.duration = {s: metrics.REQUEST_DURATION.labels(*labels, s) for s in ("false", "true")}
         self.ttft = metrics.TIME_TO_FIRST_TOKEN.labels(*labels)
         self.upstream = metrics.UPSTREAM_DURATION.labels(*labels)
@@ -92,17 +98,23 @@ class RequestRecord:
         "error",
         "first_chunk",
         "in_upstream",
+        "kind",
+        "meter",
         "metrics",
         "model",
         "request_id",
         "served_by",
         "started",
         "stream",
+        "tenant",
         "upstream_wait",
         "usage",
+        "usage_estimated",
     )
 
-    def __init__(self, call: CallInfo, model: str, stream: bool) -> None:
+    def __init__(
+        self, call: CallInfo, model: str, stream: bool, kind: str = "chat completion", meter: SpendMeter | None = None
+    ) -> None:
         self.started = time.perf_counter()
         self.call = call
         self.request_id = call.get("x-request-id") or new_request_id()
@@ -110,6 +122,10 @@ class RequestRecord:
         self.stream = stream
         self.metrics = UNROUTED
         self.usage: chat_pb2.Usage | None = None
+        # True when the upstream reported no usage and `usage` was counted by the gateway (usage_estimate).
+        self.usage_estimated = False
+        self.kind = kind  # "chat completion" or "embedding": the access log line's message
+        self.meter = meter  # prices, cost metrics and the usage ledger (service/spend)
         self.error: GatewayError | None = None
         self.chunks = 0
         self.upstream_wait = 0.0  # seconds awaiting the provider
@@ -119,6 +135,7 @@ class RequestRecord:
         self.attempts = 0
         self.served_by = ""  # the configured model that answered: the one asked for, or a fallback
         self.deployment = ""
+        self.tenant: Tenant | None = None  # the gateway API key's use, when tenancy applies (service/tenancy)
 
     def upstream_failed(self, error: GatewayError) -> None:
         """Count one failed upstream attempt against the deployment's provider."""
@@ -157,9 +174,15 @@ class RequestRecord:
                 route.upstream_error(upstream_error_kind(self.error)).inc()
         usage = self.usage
         if usage is not None:
-            route.prompt_tokens.inc(usage.prompt_tokens)
-            route.completion_tokens.inc(usage.completion_tokens)
-            route.total_tokens.inc(usage.total_tokens)
+            estimated = self.usage_estimated
+            route.prompt_tokens[estimated].inc(usage.prompt_tokens)
+            route.completion_tokens[estimated].inc(usage.completion_tokens)
+            route.total_tokens[estimated].inc(usage.total_tokens)
+        tenant = self.tenant
+        if tenant is not None:
+            tenant.finish(status, usage)  # per-key counts; settles the reservation and frees the slot, once
+        if self.meter is not None:
+            self.meter.settle(self, status, elapsed)  # cost, and the ledger's record
         if not log.enabled(logging.INFO):  # the access line is off: do not build it
             return
         attrs: dict[str, Any] = {
@@ -176,6 +199,8 @@ class RequestRecord:
             attrs["prompt_tokens"] = usage.prompt_tokens
             attrs["completion_tokens"] = usage.completion_tokens
             attrs["total_tokens"] = usage.total_tokens
+            if self.usage_estimated:
+                attrs["usage_estimated"] = True
         if self.stream:
             attrs["chunks"] = self.chunks
         if self.attempts:
@@ -183,7 +208,11 @@ class RequestRecord:
             attrs["deployment"] = self.deployment
             if self.served_by != self.model:
                 attrs["served_by"] = self.served_by
+        if tenant is not None and tenant.name:
+            attrs["key"] = tenant.name
+            if tenant.metadata:
+                attrs["key_metadata"] = tenant.metadata
         if self.error is not None:
             attrs["error_type"] = self.error.type
             attrs["error"] = self.error.message
-        log.info("chat completion", **attrs)
+        log.info(self.kind, **attrs)

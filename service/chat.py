@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 from gateway import metrics, tracing
 from gateway.call import CallInfo
@@ -24,11 +25,16 @@ from gateway.config import Config
 from gateway.errors import GatewayError, InvalidRequestError
 from llm_gateway.v1 import chat_pb2
 
+from . import embeddings, usage_estimate
 from .accounting import RequestRecord
 from .deadline import Deadline
+from .ledger import writer_for
+from .providers import Provider
 from .retry import Attempt, AttemptPlan, retryable
 from .router import Router
 from .spans import RequestSpans
+from .spend import SpendMeter
+from .tenancy import Tenancy
 
 Batches = AsyncIterator[list[chat_pb2.ChatCompletionChunk]]
 MAX_CHOICES = 128  # OpenAI's limit on `n`
@@ -41,6 +47,9 @@ class ChatCore:
         self._default_timeout = config.server.request_timeout
         self._drain = config.server.drain_cancelled_streams
         self._draining: set[asyncio.Task[None]] = set()
+        self.tenancy = Tenancy.build(config)
+        self.spend = SpendMeter(config, writer_for(config.usage))  # prices resolved once; the ledger's writer
+        usage_estimate.warm()
         self._fallbacks = {
             (name, other): metrics.FALLBACKS.labels(name, other)
             for name, route in config.models.items()
@@ -52,11 +61,13 @@ class ChatCore:
     async def create_chat_completion(
         self, request: chat_pb2.CreateChatCompletionRequest, call: CallInfo
     ) -> chat_pb2.ChatCompletion:
-        record = RequestRecord(call, request.model, stream=False)
+        record = RequestRecord(call, request.model, stream=False, meter=self.spend)
         spans = RequestSpans(tracing.TRACER, "CreateChatCompletion", request, call) if tracing.TRACER else None
-        response = None
+        response: chat_pb2.ChatCompletion | None = None
         try:
             _validate(request)
+            if self.tenancy is not None:  # key, model access and limits, before any routing
+                await self.tenancy.admit(request, call, record)
             timeout = call.timeout or self._default_timeout
             plan = self.router.plan(request.model, time.monotonic() + timeout)
             loop = asyncio.get_running_loop()
@@ -64,6 +75,8 @@ class ChatCore:
                 response = await self._complete(plan, request, call, record, spans)
             if response.HasField("usage"):
                 record.usage = response.usage
+            else:  # the upstream reported none: the gateway counts it (only then)
+                usage_estimate.settle_completion(record, request, response)
             return response
         except BaseException as exc:
             raise record.failed(exc) from None
@@ -76,20 +89,22 @@ class ChatCore:
     async def _complete(
         self,
         plan: AttemptPlan,
-        request: chat_pb2.CreateChatCompletionRequest,
+        request: Any,
         call: CallInfo,
         record: RequestRecord,
         spans: RequestSpans | None,
-    ) -> chat_pb2.ChatCompletion:
+        operation: Callable[[Provider], Callable[..., Awaitable[Any]]] | None = None,
+    ) -> Any:
+        """The unary call on the plan's deployments: the provider's `complete`, or what `operation` picks
+        (it raises for a provider that cannot serve it, before any attempt is counted)."""
         error: GatewayError | None = None
         while (attempt := plan.next(error)) is not None:
+            send = attempt.state.provider.complete if operation is None else operation(attempt.state.provider)
             upstream_call = await self._begin(attempt, request, call, record, spans)
             state, deployment = attempt.state, attempt.state.deployment
             sent = time.perf_counter()
             try:
-                response = await state.provider.complete(
-                    request, deployment.upstream_model, upstream_call, deployment.timeouts
-                )
+                response = await send(request, deployment.upstream_model, upstream_call, deployment.timeouts)
             except GatewayError as exc:
                 error = exc
                 self._attempt_failed(attempt, exc, record, spans)
@@ -111,12 +126,15 @@ class ChatCore:
     async def stream_chat_completion(self, request: chat_pb2.CreateChatCompletionRequest, call: CallInfo) -> Batches:
         """The stream in batches, never empty: the chunks that were ready together, as the provider
         read them. Callers that want one chunk at a time flatten it (the gRPC StreamChatCompletion)."""
-        record = RequestRecord(call, request.model, stream=True)
+        record = RequestRecord(call, request.model, stream=True, meter=self.spend)
         spans = RequestSpans(tracing.TRACER, "StreamChatCompletion", request, call) if tracing.TRACER else None
         response_model, reasons = "", list[str]()
         handed_off = False
+        seen: list[list[chat_pb2.ChatCompletionChunk]] = []  # every batch, counted only if no usage arrives
         try:
             _validate(request)
+            if self.tenancy is not None:  # key, model access and limits, before any routing
+                await self.tenancy.admit(request, call, record)
             timeout = call.timeout or self._default_timeout
             plan = self.router.plan(request.model, time.monotonic() + timeout)
             loop = asyncio.get_running_loop()
@@ -131,6 +149,7 @@ class ChatCore:
                     now = clock()
                     if not record.first_chunk:
                         record.first_chunk = now
+                    seen.append(batch)
                     out = batch
                     for chunk in batch:
                         if spans is not None:
@@ -138,7 +157,9 @@ class ChatCore:
                             reasons.extend(c.finish_reason for c in chunk.choices if c.HasField("finish_reason"))
                         if chunk.HasField("usage"):
                             record.usage = chunk.usage
-                            if not wants_usage:
+                            if wants_usage:
+                                self.spend.stamp(record, chunk.usage)  # a stream's cost rides in its usage
+                            else:
                                 if not chunk.choices:  # the usage-only chunk the client did not ask for
                                     out = [c for c in out if c is not chunk]
                                     continue
@@ -158,7 +179,7 @@ class ChatCore:
                 state.abandoned()
                 if isinstance(batches, _Pump) and record.usage is None:
                     handed_off = True
-                    task = loop.create_task(self._drain_usage(batches, record, spans, deadline))
+                    task = loop.create_task(self._drain_usage(batches, record, spans, deadline, request, seen))
                     self._draining.add(task)
                     task.add_done_callback(self._draining.discard)
                 raise
@@ -171,10 +192,17 @@ class ChatCore:
                 record.metrics.in_flight.dec()
                 if not handed_off:
                     await batches.aclose()  # type: ignore[attr-defined]
+            if record.usage is None:  # the upstream reported none: the gateway counts it (only then)
+                estimate = usage_estimate.settle_stream(record, request, seen)
+                if wants_usage:
+                    record.chunks += 1
+                    yield [estimate]
         except BaseException as exc:
             raise record.failed(exc) from None
         finally:
             if not handed_off:
+                if record.usage is None and seen:  # failed mid-stream: what streamed is still counted
+                    usage_estimate.settle_stream(record, request, seen)
                 record.finish()
                 if spans is not None:
                     spans.finish(record, response_model, tuple(reasons))
@@ -232,12 +260,19 @@ class ChatCore:
             record.in_upstream = False
 
     async def _drain_usage(
-        self, batches: _Pump, record: RequestRecord, spans: RequestSpans | None, deadline: Deadline
+        self,
+        batches: _Pump,
+        record: RequestRecord,
+        spans: RequestSpans | None,
+        deadline: Deadline,
+        request: chat_pb2.CreateChatCompletionRequest,
+        seen: list[list[chat_pb2.ChatCompletionChunk]],
     ) -> None:
         """Read a stream its client left until the provider's final usage, so it is counted exactly."""
         try:
             async with deadline:
                 async for batch in batches:
+                    seen.append(batch)
                     usage = next((chunk.usage for chunk in batch if chunk.HasField("usage")), None)
                     if usage is not None:
                         record.usage = usage
@@ -246,6 +281,8 @@ class ChatCore:
             pass
         finally:
             await batches.aclose()
+            if record.usage is None:
+                usage_estimate.settle_stream(record, request, seen)
             record.finish()
             if spans is not None:
                 spans.finish(record)
@@ -255,7 +292,7 @@ class ChatCore:
     async def _begin(
         self,
         attempt: Attempt,
-        request: chat_pb2.CreateChatCompletionRequest,
+        request: chat_pb2.CreateChatCompletionRequest | chat_pb2.CreateEmbeddingRequest,
         call: CallInfo,
         record: RequestRecord,
         spans: RequestSpans | None,
@@ -302,16 +339,27 @@ class ChatCore:
             raise RuntimeError("an attempt plan ended before its first attempt")
         return error
 
+    # ------------------------------------------------------------------ embeddings
+
+    async def create_embedding(
+        self, request: chat_pb2.CreateEmbeddingRequest, call: CallInfo
+    ) -> chat_pb2.CreateEmbeddingResponse:
+        return await embeddings.create(self, request, call)
+
     # ------------------------------------------------------------------ models
 
     async def list_models(self, request: chat_pb2.ListModelsRequest, call: CallInfo) -> chat_pb2.ListModelsResponse:
-        return self.router.list_models()
+        models = self.router.list_models()
+        return models if self.tenancy is None else self.tenancy.list_models(call, models)
 
     async def close(self) -> None:
         for task in list(self._draining):
             task.cancel()
         await asyncio.gather(*self._draining, return_exceptions=True)
         await self.router.close()
+        if self.tenancy is not None:
+            await self.tenancy.close()
+        await self.spend.close()  # the ledger's last records are written before the worker ends
 
 
 def _validate(request: chat_pb2.CreateChatCompletionRequest) -> None:

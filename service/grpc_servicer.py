@@ -5,17 +5,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
-from typing import Any
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
 
 import grpc
 
 from gateway import metrics
 from gateway.call import CallInfo
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, ShuttingDownError
 from llm_gateway.v1 import chat_pb2, chat_pb2_grpc
 
 from .chat import ChatCore
+from .spend import COST_HEADER
 
 _SERVICE = chat_pb2.DESCRIPTOR.services_by_name["ChatService"]
 
@@ -38,7 +39,9 @@ class _RpcMetrics:
         self.duration.observe(time.perf_counter() - started)
 
 
+R = TypeVar("R")
 _METRICS = {method.name: _RpcMetrics(method.name) for method in _SERVICE.methods}
+_SHUTTING_DOWN = ShuttingDownError("The gateway is shutting down; retry the request.")
 
 
 def _code_of(exc: BaseException) -> grpc.StatusCode:
@@ -50,9 +53,12 @@ def _code_of(exc: BaseException) -> grpc.StatusCode:
 
 
 async def _failed(
-    context: grpc.aio.ServicerContext[Any, Any], rpc: _RpcMetrics, started: float, exc: BaseException
+    context: grpc.aio.ServicerContext[Any, Any], rpc: _RpcMetrics, started: float, exc: BaseException, draining: bool
 ) -> None:
-    """Count the failed call; a gateway error ends it with its code and ErrorDetail (abort raises)."""
+    """Count the failed call; a gateway error ends it with its code and ErrorDetail (abort raises).
+    A call cancelled by the drain, after the grace period, ends as shutting_down."""
+    if draining and isinstance(exc, asyncio.CancelledError):
+        exc = _SHUTTING_DOWN
     rpc.done(started, _code_of(exc))
     if isinstance(exc, GatewayError):
         await context.abort(exc.grpc_code, exc.message, trailing_metadata=exc.grpc_trailers())
@@ -61,18 +67,47 @@ async def _failed(
 class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
     def __init__(self, core: ChatCore) -> None:
         self._core = core
+        # The tasks of the chat calls in flight, for the drain: a set add and discard per call.
+        self.calls: set[asyncio.Task[Any]] = set()
+        self.draining = False
+
+    def swap(self, core: ChatCore) -> None:
+        """New calls go to `core` (a config reload); calls in flight finish on the one they started on."""
+        self._core = core
 
     async def CreateChatCompletion(
         self, request: chat_pb2.CreateChatCompletionRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> chat_pb2.ChatCompletion:
-        started, rpc = time.perf_counter(), _METRICS["CreateChatCompletion"]
+        return await self._unary("CreateChatCompletion", self._core.create_chat_completion, request, context)
+
+    async def CreateEmbedding(
+        self, request: chat_pb2.CreateEmbeddingRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> chat_pb2.CreateEmbeddingResponse:
+        return await self._unary("CreateEmbedding", self._core.create_embedding, request, context)
+
+    async def _unary(
+        self,
+        name: str,
+        method: Callable[[Any, CallInfo], Awaitable[R]],
+        request: Any,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> R:
+        started, rpc = time.perf_counter(), _METRICS[name]
         call = call_info(context)
+        task = asyncio.current_task()
+        self.calls.add(task)  # type: ignore[arg-type]
         try:
-            response = await self._core.create_chat_completion(request, call)
-            await context.send_initial_metadata(tuple(call.response_metadata.items()))
+            response = await method(request, call)
+            answered = call.response_metadata
+            cost = answered.pop(COST_HEADER, None)  # known at the end: a trailer, as for streams
+            await context.send_initial_metadata(tuple(answered.items()))
+            if cost is not None:
+                context.set_trailing_metadata(((COST_HEADER, cost),))
         except BaseException as exc:
-            await _failed(context, rpc, started, exc)
+            await _failed(context, rpc, started, exc, self.draining)
             raise
+        finally:
+            self.calls.discard(task)  # type: ignore[arg-type]
         rpc.done(started, grpc.StatusCode.OK)
         return response
 
@@ -99,6 +134,8 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         started, rpc = time.perf_counter(), _METRICS[name]
         call = call_info(context)
         first = True
+        task = asyncio.current_task()
+        self.calls.add(task)  # type: ignore[arg-type]
         try:
             async for batch in self._core.stream_chat_completion(request, call):
                 if first:
@@ -106,15 +143,24 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
                     await context.send_initial_metadata(tuple(call.response_metadata.items()))
                     first = False
                 yield batch
+            cost = call.response_metadata.get(COST_HEADER)  # set as the stream ended
+            if cost is not None:
+                context.set_trailing_metadata(((COST_HEADER, cost),))
         except BaseException as exc:
-            await _failed(context, rpc, started, exc)
+            await _failed(context, rpc, started, exc, self.draining)
             raise
+        finally:
+            self.calls.discard(task)  # type: ignore[arg-type]
         rpc.done(started, grpc.StatusCode.OK)
 
     async def ListModels(
         self, request: chat_pb2.ListModelsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> chat_pb2.ListModelsResponse:
-        started = time.perf_counter()
-        response = await self._core.list_models(request, call_info(context))
-        _METRICS["ListModels"].done(started, grpc.StatusCode.OK)
+        started, rpc = time.perf_counter(), _METRICS["ListModels"]
+        try:
+            response = await self._core.list_models(request, call_info(context))
+        except BaseException as exc:  # a missing or unknown key, with auth on
+            await _failed(context, rpc, started, exc, self.draining)
+            raise
+        rpc.done(started, grpc.StatusCode.OK)
         return response

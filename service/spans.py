@@ -24,7 +24,13 @@ _TRACE_KEYS = ("traceparent", "tracestate")
 
 
 class RequestSpans:
-    def __init__(self, tracer: Tracer, rpc: str, request: chat_pb2.CreateChatCompletionRequest, call: CallInfo):
+    def __init__(
+        self,
+        tracer: Tracer,
+        rpc: str,
+        request: chat_pb2.CreateChatCompletionRequest | chat_pb2.CreateEmbeddingRequest,
+        call: CallInfo,
+    ):
         self._tracer = tracer
         parent = tracing.extract(dict(call.metadata))
         self.server = tracer.start_span(f"{_SERVICE}/{rpc}", context=parent, kind=SpanKind.SERVER)
@@ -33,7 +39,7 @@ class RequestSpans:
                 "rpc.system": "grpc",
                 "rpc.service": _SERVICE,
                 "rpc.method": rpc,
-                "gen_ai.operation.name": "chat",
+                "gen_ai.operation.name": "embeddings" if rpc == "CreateEmbedding" else "chat",
                 "gen_ai.request.model": request.model,
             }
         )
@@ -44,7 +50,7 @@ class RequestSpans:
             ("max_completion_tokens", "gen_ai.request.max_tokens"),
             ("seed", "gen_ai.request.seed"),
         ):
-            if request.HasField(field):
+            if field in request.DESCRIPTOR.fields_by_name and request.HasField(field):
                 self.server.set_attribute(attribute, getattr(request, field))
         self.client: trace.Span | None = None
 

@@ -33,3 +33,15 @@ class Provider(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+
+class EmbeddingProvider(Provider, Protocol):
+    """A provider that also serves embeddings. Optional: the service looks for `embed` on a provider,
+    and a model whose provider has none answers embedding requests with a 400."""
+
+    async def embed(
+        self, request: chat_pb2.CreateEmbeddingRequest, upstream_model: str, call: CallInfo, timeouts: Timeouts
+    ) -> chat_pb2.CreateEmbeddingResponse:
+        """One embeddings call; the response as the upstream sent it (floats, or base64 when asked).
+        Raises gateway.errors.GatewayError like `complete`."""
+        ...

@@ -1,15 +1,21 @@
 """The built-in provider: a deterministic reply, no network, no keys.
 
 Its prompt token count is the number of whitespace-separated words in the input's text; its reply is
-a fixed sentence that names the model and echoes the start of the last user message.
+a fixed sentence that names the model and echoes the start of the last user message. Its embeddings
+are unit vectors drawn from a hash of each input, so the same input always gets the same vector, of
+`dimensions` numbers (64 when the request does not say), each exactly a float32 like a real model's.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
+import math
+import random
+import struct
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 from gateway.call import CallInfo
 from gateway.config import ProviderConfig, Timeouts
@@ -20,6 +26,7 @@ _ids = itertools.count(1)
 _LOGPROBS_NULL = {"logprobs": "null"}
 _REFUSAL_NULL = {"refusal": "null"}
 _OPEN_CHOICE = {"logprobs": "null", "finish_reason": "null"}
+EMBEDDING_DIMENSIONS = 64
 
 
 def _open(index: int, delta: chat_pb2.Delta) -> chat_pb2.ChunkChoice:
@@ -134,5 +141,53 @@ class DummyProvider:
             await asyncio.sleep(delay)
             yield step
 
+    async def embed(
+        self, request: chat_pb2.CreateEmbeddingRequest, upstream_model: str, call: CallInfo, timeouts: Timeouts
+    ) -> chat_pb2.CreateEmbeddingResponse:
+        if self._latency:
+            await asyncio.sleep(self._latency)
+        dimensions = request.dimensions if request.HasField("dimensions") else EMBEDDING_DIMENSIONS
+        as_base64 = request.encoding_format == "base64"
+        inputs = embedding_inputs(request)
+        data = []
+        for index, item in enumerate(inputs):
+            vector = _vector(item, dimensions)
+            embedding = chat_pb2.Embedding(object="embedding", index=index)
+            if as_base64:
+                embedding.embedding_base64 = struct.pack(f"<{dimensions}f", *vector)
+            else:
+                embedding.embedding_floats.values.extend(vector)
+            data.append(embedding)
+        tokens = sum(len(item.split()) if isinstance(item, str) else len(item) for item in inputs)
+        return chat_pb2.CreateEmbeddingResponse(
+            object="list",
+            data=data,
+            model=upstream_model,
+            usage=chat_pb2.EmbeddingUsage(prompt_tokens=tokens, total_tokens=tokens),
+        )
+
     async def close(self) -> None:
         return None
+
+
+def embedding_inputs(request: chat_pb2.CreateEmbeddingRequest) -> Sequence[str | Sequence[int]]:
+    """The request's inputs, one per embedding: texts, or token id lists."""
+    form = request.WhichOneof("input")
+    if form == "input_text":
+        return [request.input_text]
+    if form == "input_texts":
+        return list(request.input_texts.values)
+    if form == "input_tokens":
+        return [list(request.input_tokens.ids)]
+    if form == "input_token_lists":
+        return [list(ids.ids) for ids in request.input_token_lists.lists]
+    return []
+
+
+def _vector(item: str | Sequence[int], dimensions: int) -> list[float]:
+    seed = hashlib.blake2b(repr(item if isinstance(item, str) else list(item)).encode(), digest_size=16).digest()
+    rng = random.Random(seed)
+    values = [rng.gauss(0.0, 1.0) for _ in range(dimensions)]
+    norm = math.sqrt(sum(v * v for v in values)) or 1.0
+    # Rounded to float32, as models compute them: the float and base64 forms then say the same.
+    return list(struct.unpack(f"<{dimensions}f", struct.pack(f"<{dimensions}f", *(v / norm for v in values))))

@@ -9,38 +9,41 @@ event loop; the request head is rendered once per provider, so a request adds on
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
 import orjson
 
 from gateway.call import CallInfo
 from gateway.config import ProviderConfig, Timeouts
-from gateway.errors import BadGatewayError, GatewayError, UpstreamError
+from gateway.errors import BadGatewayError, UpstreamError
 from gateway.jsonpb import JsonMappingError, MessageCodec
 from llm_gateway.v1 import chat_pb2
 
-from . import http1
 from .http_provider import HTTPProvider
-from .http_provider import deadlines as _deadlines
-from .http_provider import passed_back as _passed_back
-from .http_provider import transport_error as _transport_error
-from .http_provider import within as _within
 
 _REQUEST = MessageCodec.for_type(chat_pb2.CreateChatCompletionRequest)
 _COMPLETION = MessageCodec.for_type(chat_pb2.ChatCompletion)
 _CHUNK = MessageCodec.for_type(chat_pb2.ChatCompletionChunk)
+_EMBEDDING_REQUEST = MessageCodec.for_type(chat_pb2.CreateEmbeddingRequest)
+_EMBEDDINGS = MessageCodec.for_type(chat_pb2.CreateEmbeddingResponse)
 
 _DONE = b"[DONE]"
 
 
-def chat_url(config: ProviderConfig) -> str:
-    """The chat completions URL for a provider type and its configured api_url."""
+def api_base(config: ProviderConfig) -> str:
+    """The URL the OpenAI paths (/chat/completions, /embeddings) go under, for a provider type and its api_url."""
     base = config.api_url
     if config.type == "gemini":
         if not base.endswith("/openai"):
             base += "/v1beta/openai"
     elif config.type == "ollama" and not base.endswith("/v1"):
         base += "/v1"
-    return base + "/chat/completions"
+    return base
+
+
+def chat_url(config: ProviderConfig) -> str:
+    """The chat completions URL for a provider type and its configured api_url."""
+    return api_base(config) + "/chat/completions"
 
 
 class OpenAICompatibleProvider(HTTPProvider):
@@ -50,8 +53,10 @@ class OpenAICompatibleProvider(HTTPProvider):
         headers.update((key.lower(), value) for key, value in config.headers.items())
         if config.api_key:
             headers["authorization"] = f"Bearer {config.api_key}"
-        self._head = http1.render_head("POST", self.url, headers)
-        self._stream_head = http1.render_head("POST", self.url, {**headers, "accept": "text/event-stream"})
+        self._head = self.render_head("POST", self.url, headers)
+        self._stream_head = self.render_head("POST", self.url, {**headers, "accept": "text/event-stream"})
+        # Same origin, so the same pool: only the request target differs.
+        self._embeddings_head = self.render_head("POST", api_base(config) + "/embeddings", headers)
 
     async def complete(
         self, request: chat_pb2.CreateChatCompletionRequest, upstream_model: str, call: CallInfo, timeouts: Timeouts
@@ -60,79 +65,37 @@ class OpenAICompatibleProvider(HTTPProvider):
         body["model"] = upstream_model
         if body.get("stream") is True:
             body["stream"] = False
-        first, total = _deadlines(timeouts)
+        return await self._exchange(self._head, body, call, timeouts, _COMPLETION)  # type: ignore[no-any-return]
+
+    async def embed(
+        self, request: chat_pb2.CreateEmbeddingRequest, upstream_model: str, call: CallInfo, timeouts: Timeouts
+    ) -> chat_pb2.CreateEmbeddingResponse:
+        body = _EMBEDDING_REQUEST.encode(request)
+        body["model"] = upstream_model
+        return await self._exchange(self._embeddings_head, body, call, timeouts, _EMBEDDINGS)  # type: ignore[no-any-return]
+
+    async def _exchange(
+        self, head: bytes, body: dict[str, Any], call: CallInfo, timeouts: Timeouts, codec: MessageCodec[Any]
+    ) -> Any:
+        """One JSON request and its JSON answer, decoded by `codec`."""
+        obj = await self._json(head, body, call, timeouts)
         try:
-            response = await self._post(self._head, body, call, timeouts, first)
-            try:
-                data = await _within(total, response.read())
-            finally:
-                response.release()  # back to the pool when fully read, else the connection is closed
-            if response.status != 200:
-                raise UpstreamError(response.status, data, _passed_back(response.headers))
-        except GatewayError:
-            raise
-        except Exception as exc:
-            raise _transport_error(exc, self.name) from exc
-        try:
-            obj = orjson.loads(data)
-            if type(obj) is not dict:
-                raise JsonMappingError("the body is not a JSON object", "")
-            return _COMPLETION.decode(obj)  # type: ignore[no-any-return]
-        except (orjson.JSONDecodeError, JsonMappingError) as exc:
+            return codec.decode(obj)
+        except JsonMappingError as exc:
             raise BadGatewayError(f"Provider {self.name} sent an invalid response: {exc}") from None
 
-    async def stream(
+    def stream(
         self, request: chat_pb2.CreateChatCompletionRequest, upstream_model: str, call: CallInfo, timeouts: Timeouts
     ) -> AsyncIterator[list[chat_pb2.ChatCompletionChunk]]:
-        body = _REQUEST.encode(request)
-        body["model"] = upstream_model
-        body["stream"] = True
-        # Always ask for usage, so every stream is accounted for; the service strips it again for
-        # clients that did not ask.
-        options = body.get("stream_options")
-        body["stream_options"] = (
-            {**options, "include_usage": True} if type(options) is dict else {"include_usage": True}
+        return self._events(
+            self._stream_head, lambda: _stream_body(request, upstream_model), call, timeouts, self._step
         )
-        first, total = _deadlines(timeouts)
-        try:
-            # Each timeout wraps one await and never a `yield`: a timeout spanning a yield would fire
-            # in whatever the consumer is doing meanwhile.
-            response = await self._post(self._stream_head, body, call, timeouts, first)
-            try:
-                if response.status != 200:
-                    error = await _within(total, response.read())
-                    raise UpstreamError(response.status, error, _passed_back(response.headers))
-                batches = sse_batches(response.blocks())
-                limit = first
-                while True:
-                    if limit is None:  # no deployment timeout: the service's own deadline still applies
-                        batch = await anext(batches, None)
-                    else:
-                        async with limit:
-                            batch = await anext(batches, None)
-                    if batch is None:
-                        raise BadGatewayError(f"Provider {self.name} ended the stream without [DONE].")
-                    chunks: list[chat_pb2.ChatCompletionChunk] = []
-                    for data in batch:
-                        if data == _DONE:
-                            response.release()  # the body is done: the connection goes back to the pool
-                            if chunks:
-                                yield chunks
-                            return
-                        try:
-                            chunks.append(self._chunk(data))
-                        except GatewayError:
-                            if chunks:  # what arrived before the bad event still reaches the client
-                                yield chunks
-                            raise
-                    limit = total
-                    yield chunks
-            finally:
-                response.close()  # no-op after release(); otherwise the upstream sees the connection close
-        except GatewayError:
-            raise
-        except Exception as exc:
-            raise _transport_error(exc, self.name) from exc
+
+    def _step(self, data: bytes, out: list[chat_pb2.ChatCompletionChunk]) -> bool:
+        if data == _DONE:
+            return True
+        out.append(self._chunk(data))
+        return False
 
     def _chunk(self, data: bytes) -> chat_pb2.ChatCompletionChunk:
         try:
@@ -152,36 +115,12 @@ class OpenAICompatibleProvider(HTTPProvider):
             raise BadGatewayError(f"Provider {self.name} sent an invalid stream event: {exc}") from None
 
 
-async def sse_batches(blocks: AsyncIterator[bytes]) -> AsyncIterator[list[bytes]]:
-    """The `data` of Server-Sent Events in a byte stream read in blocks of any size: one list per
-    block, of the events that block completed (blocks that complete none yield nothing).
-
-    Events end at a blank line; an event's several `data:` lines join with newlines; comments (`:`) and
-    other fields (event, id, retry) are skipped. One await per network read, not one per line or event:
-    the events that arrived together are split here, in memory.
-    """
-    buffer = b""
-    async for block in blocks:
-        buffer = buffer + block if buffer else block
-        if b"\r" in buffer:
-            buffer = buffer.replace(b"\r\n", b"\n")  # a lone trailing \r waits for its \n
-        *events, buffer = buffer.split(b"\n\n")
-        batch = [data for event in events if (data := _event_data(event)) is not None]
-        if batch:
-            yield batch
-    data = _event_data(buffer)  # a last event without its blank line
-    if data is not None:
-        yield [data]
-
-
-def _event_data(event: bytes) -> bytes | None:
-    if event.startswith(b"data: ") and b"\n" not in event:  # what every provider sends: one data line
-        return event[6:]
-    if event.startswith(b"event: "):  # what Anthropic sends: a name line, then one data line
-        at = event.find(b"\ndata: ")
-        if at > 0 and event.find(b"\n", at + 1) < 0:
-            return event[at + 7 :]
-    lines = [line[5:].removeprefix(b" ") for line in event.split(b"\n") if line.startswith(b"data:")]
-    if not lines:
-        return None
-    return lines[0] if len(lines) == 1 else b"\n".join(lines)
+def _stream_body(request: chat_pb2.CreateChatCompletionRequest, upstream_model: str) -> dict[str, Any]:
+    body = _REQUEST.encode(request)
+    body["model"] = upstream_model
+    body["stream"] = True
+    # Always ask for usage, so every stream is accounted for; the service strips it again for
+    # clients that did not ask.
+    options = body.get("stream_options")
+    body["stream_options"] = {**options, "include_usage": True} if type(options) is dict else {"include_usage": True}
+    return body

@@ -139,8 +139,11 @@ def test_cancelled_stream(fakes: dict[str, FakeUpstream], start: Callable[..., A
     ):
         assert time.monotonic() < deadline, "the cancelled stream was never counted"
         time.sleep(0.05)
-    # Drained: the provider's final usage. Closed: only the usage that arrived, here none.
-    assert tokens(samples, model="gpt", provider="main") == ((9, 3, 12) if drain else (0, 0, 0))
+    # Drained: the provider's final usage. Closed: no usage arrived, so the gateway counted what had streamed
+    # (the prompt, and the role chunk's empty text), marked as estimated.
+    reported = tokens(samples, model="gpt", provider="main", usage="reported")
+    estimated = tokens(samples, model="gpt", provider="main", usage="estimated")
+    assert (reported, estimated) == (((9, 3, 12), (0, 0, 0)) if drain else ((0, 0, 0), (8, 0, 8)))
     assert value(samples, "llm_gateway_requests_in_flight") == 0
     assert value(samples, "llm_gateway_grpc_server_handled_total", grpc_code="CANCELLED") == 1
     if not drain:

@@ -15,6 +15,8 @@ JSON_VARIANT_FIELD_NUMBER: _ClassVar[int]
 json_variant: _descriptor.FieldDescriptor
 BATCHED_STREAM_FIELD_NUMBER: _ClassVar[int]
 batched_stream: _descriptor.FieldDescriptor
+JSON_ARRAY_FIELD_NUMBER: _ClassVar[int]
+json_array: _descriptor.FieldDescriptor
 
 class CreateChatCompletionRequest(_message.Message):
     __slots__ = ("model", "messages", "temperature", "top_p", "n", "stream", "stream_options", "stop_text", "stop_list", "max_tokens", "max_completion_tokens", "presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "top_logprobs", "user", "seed", "tools", "tool_choice", "parallel_tool_calls", "response_format", "service_tier", "store", "metadata", "reasoning_effort", "verbosity", "modalities", "audio", "prediction", "web_search_options", "safety_identifier", "prompt_cache_key", "prompt_cache_retention", "prompt_cache_options", "moderation", "functions", "function_call", "extra")
@@ -551,6 +553,112 @@ class Model(_message.Message):
     owned_by: str
     extra: _containers.ScalarMap[str, str]
     def __init__(self, id: _Optional[str] = ..., object: _Optional[str] = ..., created: _Optional[int] = ..., owned_by: _Optional[str] = ..., extra: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class CreateEmbeddingRequest(_message.Message):
+    __slots__ = ("model", "input_text", "input_texts", "input_tokens", "input_token_lists", "encoding_format", "dimensions", "user", "extra")
+    class ExtraEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    INPUT_TEXT_FIELD_NUMBER: _ClassVar[int]
+    INPUT_TEXTS_FIELD_NUMBER: _ClassVar[int]
+    INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    INPUT_TOKEN_LISTS_FIELD_NUMBER: _ClassVar[int]
+    ENCODING_FORMAT_FIELD_NUMBER: _ClassVar[int]
+    DIMENSIONS_FIELD_NUMBER: _ClassVar[int]
+    USER_FIELD_NUMBER: _ClassVar[int]
+    EXTRA_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    input_text: str
+    input_texts: StringList
+    input_tokens: TokenIds
+    input_token_lists: TokenIdLists
+    encoding_format: str
+    dimensions: int
+    user: str
+    extra: _containers.ScalarMap[str, str]
+    def __init__(self, model: _Optional[str] = ..., input_text: _Optional[str] = ..., input_texts: _Optional[_Union[StringList, _Mapping]] = ..., input_tokens: _Optional[_Union[TokenIds, _Mapping]] = ..., input_token_lists: _Optional[_Union[TokenIdLists, _Mapping]] = ..., encoding_format: _Optional[str] = ..., dimensions: _Optional[int] = ..., user: _Optional[str] = ..., extra: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class TokenIds(_message.Message):
+    __slots__ = ("ids",)
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class TokenIdLists(_message.Message):
+    __slots__ = ("lists",)
+    LISTS_FIELD_NUMBER: _ClassVar[int]
+    lists: _containers.RepeatedCompositeFieldContainer[TokenIds]
+    def __init__(self, lists: _Optional[_Iterable[_Union[TokenIds, _Mapping]]] = ...) -> None: ...
+
+class CreateEmbeddingResponse(_message.Message):
+    __slots__ = ("object", "data", "model", "usage", "extra")
+    class ExtraEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    OBJECT_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
+    EXTRA_FIELD_NUMBER: _ClassVar[int]
+    object: str
+    data: _containers.RepeatedCompositeFieldContainer[Embedding]
+    model: str
+    usage: EmbeddingUsage
+    extra: _containers.ScalarMap[str, str]
+    def __init__(self, object: _Optional[str] = ..., data: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ..., model: _Optional[str] = ..., usage: _Optional[_Union[EmbeddingUsage, _Mapping]] = ..., extra: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class Embedding(_message.Message):
+    __slots__ = ("object", "index", "embedding_base64", "embedding_floats", "extra")
+    class ExtraEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    OBJECT_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDING_BASE64_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDING_FLOATS_FIELD_NUMBER: _ClassVar[int]
+    EXTRA_FIELD_NUMBER: _ClassVar[int]
+    object: str
+    index: int
+    embedding_base64: bytes
+    embedding_floats: FloatValues
+    extra: _containers.ScalarMap[str, str]
+    def __init__(self, object: _Optional[str] = ..., index: _Optional[int] = ..., embedding_base64: _Optional[bytes] = ..., embedding_floats: _Optional[_Union[FloatValues, _Mapping]] = ..., extra: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class FloatValues(_message.Message):
+    __slots__ = ("values",)
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    values: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, values: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class EmbeddingUsage(_message.Message):
+    __slots__ = ("prompt_tokens", "total_tokens", "extra")
+    class ExtraEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    EXTRA_FIELD_NUMBER: _ClassVar[int]
+    prompt_tokens: int
+    total_tokens: int
+    extra: _containers.ScalarMap[str, str]
+    def __init__(self, prompt_tokens: _Optional[int] = ..., total_tokens: _Optional[int] = ..., extra: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class ErrorDetail(_message.Message):
     __slots__ = ("http_status", "type", "param", "code", "upstream_body", "headers")

@@ -54,6 +54,11 @@ class ChatServiceStub:
                 request_serializer=llm__gateway_dot_v1_dot_chat__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=llm__gateway_dot_v1_dot_chat__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.CreateEmbedding = channel.unary_unary(
+                '/llm_gateway.v1.ChatService/CreateEmbedding',
+                request_serializer=llm__gateway_dot_v1_dot_chat__pb2.CreateEmbeddingRequest.SerializeToString,
+                response_deserializer=llm__gateway_dot_v1_dot_chat__pb2.CreateEmbeddingResponse.FromString,
+                _registered_method=True)
 
 
 class ChatServiceServicer:
@@ -88,6 +93,13 @@ class ChatServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateEmbedding(self, request, context):
+        """OpenAI's embeddings API. Routed, retried and accounted like a chat completion.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ChatServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -110,6 +122,11 @@ def add_ChatServiceServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=llm__gateway_dot_v1_dot_chat__pb2.ListModelsRequest.FromString,
                     response_serializer=llm__gateway_dot_v1_dot_chat__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'CreateEmbedding': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateEmbedding,
+                    request_deserializer=llm__gateway_dot_v1_dot_chat__pb2.CreateEmbeddingRequest.FromString,
+                    response_serializer=llm__gateway_dot_v1_dot_chat__pb2.CreateEmbeddingResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -220,6 +237,33 @@ class ChatService:
             '/llm_gateway.v1.ChatService/ListModels',
             llm__gateway_dot_v1_dot_chat__pb2.ListModelsRequest.SerializeToString,
             llm__gateway_dot_v1_dot_chat__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateEmbedding(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llm_gateway.v1.ChatService/CreateEmbedding',
+            llm__gateway_dot_v1_dot_chat__pb2.CreateEmbeddingRequest.SerializeToString,
+            llm__gateway_dot_v1_dot_chat__pb2.CreateEmbeddingResponse.FromString,
             options,
             channel_credentials,
             insecure,
