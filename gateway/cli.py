@@ -8,12 +8,16 @@ import os
 import signal
 import sys
 import tempfile
+import time
 from dataclasses import replace
 
 import uvloop
 
 from . import logs
 from .config import Config, ConfigError, load
+
+# Seconds past shutdown_delay + shutdown_grace after which a worker that has not exited is killed.
+_KILL_MARGIN = 10.0
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -96,7 +100,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _supervise(config: Config, grpc_only: bool) -> int:
-    """Run N workers that share the ports (SO_REUSEPORT); stop them all on SIGTERM or SIGINT."""
+    """Run N workers that share the ports (SO_REUSEPORT). SIGTERM or SIGINT is passed on to them, and
+    they drain (see runner); a repeated signal is passed on too, which a draining worker ignores, so
+    it never cuts streams short. A worker still alive well after its drain should be over is killed."""
     if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         # Workers keep metric values in shared files here, so /metrics on any worker shows the sum.
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="llm-gateway-metrics-")
@@ -107,21 +113,31 @@ def _supervise(config: Config, grpc_only: bool) -> int:
     ]
     for process in workers:
         process.start()
+    give_up: list[float] = []
 
     def stop(signum: int, _frame: object) -> None:
+        if not give_up:
+            srv = config.server
+            give_up.append(time.monotonic() + srv.shutdown_delay + srv.shutdown_grace + _KILL_MARGIN)
         for process in workers:
             if process.pid is not None and process.is_alive():
                 os.kill(process.pid, signal.SIGTERM)
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    killed = False
     for process in workers:
-        process.join()
+        while process.is_alive():
+            process.join(0.2)
+            if give_up and time.monotonic() > give_up[0] and process.is_alive():
+                logs.get_logger("cli").error("worker did not stop after its drain; killing it", pid=process.pid)
+                process.kill()
+                killed = True
         if process.pid is not None:
             from .metrics import mark_worker_dead
 
             mark_worker_dead(process.pid)
-    return max((process.exitcode or 0) for process in workers)
+    return 1 if killed else max((process.exitcode or 0) for process in workers)
 
 
 if __name__ == "__main__":

@@ -170,9 +170,18 @@ def load(path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] 
     return parse(data if data is not None else {}, env, source=str(chosen))
 
 
+# The top-level sections parse() reads; any other top-level key is refused (a typo such as `modles:`,
+# or a section this version does not know, such as `auth:` in an older one, must not pass silently).
+# A change that adds a section adds its name here.
+SECTIONS = ("server", "logging", "providers", "models", "routing")
+
+
 def parse(data: Any, environ: Mapping[str, str], source: str = "<built-in default>") -> Config:
     if not isinstance(data, dict):
         raise ConfigError("config: the top level must be a mapping")
+    for key in data:
+        if key not in SECTIONS:
+            raise ConfigError(f"{key}: unknown top-level key (known: {', '.join(SECTIONS)})")
     data = _expand(data, environ)
     for var, (section, key) in ENV_OVERRIDES.items():
         if environ.get(var):

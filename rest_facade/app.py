@@ -55,6 +55,7 @@ def build_app(config: Config, backend: ChatBackend, service: ServiceDescriptor) 
     app.config.ACCESS_LOG = False
     app.config.MOTD = False
     app.config.NOISY_EXCEPTIONS = False
+    app.ctx.stopping = False  # set on SIGTERM: /readyz answers 503 while requests are still served
     app.ctx.draining = False  # set by RestServer.close once the grace period is over
     for route in build_routes(service):
         name = route.bindings[0].descriptor.name
@@ -70,6 +71,8 @@ def build_app(config: Config, backend: ChatBackend, service: ServiceDescriptor) 
 
     async def readyz(request: Request) -> HTTPResponse:
         rid = request_id(request.headers)
+        if request.app.ctx.stopping:
+            return error_response(_SHUTTING_DOWN, rid)
         if await backend.ready():
             return HTTPResponse(_READY, headers={REQUEST_ID: rid}, content_type=JSON)
         return error_response(UpstreamUnavailableError("The gRPC service is not reachable."), rid)

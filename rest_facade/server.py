@@ -28,7 +28,8 @@ log = get_logger("rest")
 
 SERVICE = chat_pb2.DESCRIPTOR.services_by_name["ChatService"]
 _BACKLOG = 1024
-_GRACE = 5.0
+# After the grace period, what is still running is told goodbye (a 503, or an error event and [DONE]);
+# this is how long that may take before the connections are cut.
 _GOODBYE = 1.0
 _touched_up = False
 
@@ -39,23 +40,31 @@ class RestServer:
         self._server: Any = server  # Sanic's AsyncioServer is untyped
         self._backend = backend
         self._owns_backend = owns_backend
+        self._closed = False
 
-    async def close(self) -> None:
-        """Stop accepting, let requests in flight finish for a few seconds, then end what is left: a
-        waiting request gets a 503, a stream an error event and [DONE]."""
+    def not_ready(self) -> None:
+        """/readyz answers 503 from now on; requests are still served."""
+        self.app.ctx.stopping = True
+
+    async def close(self, deadline: float) -> None:
+        """Stop accepting, let requests in flight finish until `deadline` (loop time), then end what is
+        left: a waiting request gets a 503, a stream an error event and [DONE]. Once only."""
+        if self._closed:
+            return
+        self._closed = True
         server = self._server
+        self.app.ctx.stopping = True
         await server.before_stop()
         closing = server.close()
-        loop = asyncio.get_running_loop()
         # Sanic keeps open connections in a plain set and signals nothing when one goes idle: poll it,
         # closing keep-alive connections as soon as their request is done.
-        await _drain(server.connections, loop.time() + _GRACE)
+        await _drain(server.connections, deadline)
         self.app.ctx.draining = True
         for connection in list(server.connections):
             task = getattr(connection, "_task", None)
             if task is not None:
                 task.cancel()  # the handler sees CancelledError with ctx.draining set, and says goodbye
-        await _drain(server.connections, loop.time() + _GOODBYE)
+        await _drain(server.connections, asyncio.get_running_loop().time() + _GOODBYE)
         for connection in list(server.connections):
             connection.abort()
         if closing is not None:

@@ -1,6 +1,8 @@
-"""The grpc.aio server: ChatService, standard health checking and server reflection."""
+"""The grpc.aio server: ChatService, standard health checking and server reflection, and its drain."""
 
 from __future__ import annotations
+
+import asyncio
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -13,12 +15,47 @@ from .chat import ChatCore
 from .grpc_servicer import ChatServicer
 
 SERVICE_NAME = chat_pb2.DESCRIPTOR.services_by_name["ChatService"].full_name
+# After the grace period, calls still running are ended with a shutting_down status; this is how
+# long they get to send it before grpc.aio aborts what is left.
+_GOODBYE = 1.0
 
 
-async def start_grpc_server(core: ChatCore, address: str) -> grpc.aio.Server:
+class ServiceServer:
+    """The running gRPC server and what its drain needs: the health servicer and the calls in flight."""
+
+    def __init__(self, server: grpc.aio.Server, health: HealthServicer, servicer: ChatServicer) -> None:
+        self.server = server
+        self.health = health
+        self.servicer = servicer
+        self._stopped = False
+
+    async def not_serving(self) -> None:
+        """Health answers NOT_SERVING from now on, for every service; calls are still accepted."""
+        await self.health.enter_graceful_shutdown()
+
+    async def stop(self, deadline: float) -> None:
+        """Refuse new calls, let those in flight run until `deadline` (loop time), then end each one left
+        with UNAVAILABLE shutting_down (a stream after the messages it sent), never a bare cancel. Once only."""
+        if self._stopped:
+            return
+        self._stopped = True
+        loop = asyncio.get_running_loop()
+        stopping = loop.create_task(self.server.stop(max(deadline - loop.time(), 0.0) + _GOODBYE))
+        calls = self.servicer.calls
+        if calls:  # the server accepts no new call by now: these are all there will be
+            await asyncio.wait(list(calls), timeout=max(deadline - loop.time(), 0.0))
+        if calls:
+            self.servicer.draining = True
+            for task in list(calls):
+                task.cancel()  # the servicer sees CancelledError with draining set, and says goodbye
+        await stopping
+
+
+async def start_grpc_server(core: ChatCore, address: str) -> ServiceServer:
     # grpc enables SO_REUSEPORT on Linux, so several worker processes can bind one port.
     server = grpc.aio.server(options=[("grpc.so_reuseport", 1)])
-    chat_pb2_grpc.add_ChatServiceServicer_to_server(ChatServicer(core), server)  # type: ignore[no-untyped-call]
+    servicer = ChatServicer(core)
+    chat_pb2_grpc.add_ChatServiceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
     health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -30,4 +67,4 @@ async def start_grpc_server(core: ChatCore, address: str) -> grpc.aio.Server:
     await server.start()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
-    return server
+    return ServiceServer(server, health_servicer, servicer)

@@ -18,6 +18,7 @@ from tests.harness import GatewayProcess, run_cli
         ("server: {port: -1}\n", {}, "server.port"),
         ("server: [\n", {}, "invalid YAML"),
         ("{}\n", {"LOG_LEVEL": "shout"}, "logging.level"),
+        ("modles: {gpt-4o: openai}\n", {}, "modles: unknown top-level key (known: server, logging, providers"),
     ],
 )
 def test_bad_config_fails_at_start_with_one_line(
@@ -31,6 +32,15 @@ def test_bad_config_fails_at_start_with_one_line(
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("llm-gateway: config error: ") and expected in lines[0]
     assert result.stdout == ""
+
+
+def test_check_config_refuses_an_unknown_top_level_key(tmp_path: Path) -> None:
+    path = tmp_path / "config.yml"
+    path.write_text("providers:\n  openai: {api_key: sk-x}\nmodles:\n  gpt-4o: openai\n")
+    result = run_cli(["--config", str(path), "--check-config"])
+    assert result.returncode == 2
+    assert result.stderr.startswith("llm-gateway: config error: modles: unknown top-level key (known: ")
+    assert len(result.stderr.strip().splitlines()) == 1 and "valid" not in result.stdout
 
 
 def test_check_config_accepts_repo_config() -> None:

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config import ConfigError, load, parse
+from gateway.config import SECTIONS, ConfigError, load, parse
 
 SEED = {
     "server": {"port": 8080},
@@ -110,6 +110,13 @@ def test_bad_config_names_the_key(data: object, env: dict[str, str], message: st
         parse(data, env)
     assert message in str(info.value)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("key", ["modles", "authentication", "Server"])
+def test_unknown_top_level_key_is_refused_naming_it_and_the_known_ones(key: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse({**SEED, key: {"gpt-4o": "openai"}}, {})
+    assert str(info.value) == f"{key}: unknown top-level key (known: {', '.join(SECTIONS)})"
 
 
 def test_invalid_yaml_names_the_file_and_line(tmp_path: Path) -> None:
