@@ -42,6 +42,8 @@ ENV_OVERRIDES = {
     "WORKERS": ("server", "workers"),
     "REQUEST_TIMEOUT": ("server", "request_timeout"),
     "DRAIN_CANCELLED_STREAMS": ("server", "drain_cancelled_streams"),
+    "SHUTDOWN_DELAY": ("server", "shutdown_delay"),
+    "SHUTDOWN_GRACE": ("server", "shutdown_grace"),
     "LOG_LEVEL": ("logging", "level"),
 }
 
@@ -66,6 +68,10 @@ class ServerConfig:
     # On a client disconnect mid-stream, keep reading the upstream (within the deadline) for its final
     # usage, so token metrics are exact; off, the upstream request is closed at once.
     drain_cancelled_streams: bool = False
+    # On SIGTERM: seconds to keep serving with /readyz at 503 (load balancers take the gateway out),
+    # then seconds the requests in flight get to finish before they are ended cleanly.
+    shutdown_delay: float = 0.0
+    shutdown_grace: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -248,6 +254,8 @@ def _server(spec: dict[str, Any]) -> ServerConfig:
         workers=_number(spec.get("workers", defaults.workers), "server.workers", int, minimum=1),
         request_timeout=_number(spec.get("request_timeout", defaults.request_timeout), "server.request_timeout"),
         drain_cancelled_streams=_flag(spec.get("drain_cancelled_streams", False), "server.drain_cancelled_streams"),
+        shutdown_delay=_number(spec.get("shutdown_delay", defaults.shutdown_delay), "server.shutdown_delay"),
+        shutdown_grace=_number(spec.get("shutdown_grace", defaults.shutdown_grace), "server.shutdown_grace"),
         max_body_bytes=_number(
             spec.get("max_body_bytes", defaults.max_body_bytes), "server.max_body_bytes", int, minimum=1
         ),
