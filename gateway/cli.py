@@ -14,7 +14,7 @@ from dataclasses import replace
 import uvloop
 
 from . import logs
-from .config import Config, ConfigError, load
+from .config import Config, ConfigError, KeyLimits, load
 
 # Seconds past shutdown_delay + shutdown_grace after which a worker that has not exited is killed.
 _KILL_MARGIN = 10.0
@@ -81,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     for provider in config.providers.values():
         if provider.type not in ("dummy", "ollama") and not provider.api_key:
             log.warning("provider has no api_key", provider=provider.name)
+    _tenancy_notes(config, log)
     log.info(
         "llm-gateway starting",
         config=config.source,
@@ -97,6 +98,34 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         return 0
     return _supervise(config, args.grpc_only)
+
+
+def _tenancy_notes(config: Config, log: logs.Logger) -> None:
+    srv = config.server
+    if not config.auth.keys and not _loopback(srv.host):
+        log.warning(
+            "auth is off (no auth.keys) and the gateway listens beyond loopback: anyone who can reach it"
+            " spends the providers' keys",
+            host=srv.host,
+        )
+    limited = config.limits.models or any(k.limits != KeyLimits() for k in config.auth.keys)
+    if limited and srv.workers > 1 and not config.state.redis_url:
+        log.warning(
+            f"rate limits are held per worker: each of the {srv.workers} workers enforces 1/{srv.workers} of"
+            " every limit; set state.redis_url to share them exactly",
+            workers=srv.workers,
+        )
+
+
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _supervise(config: Config, grpc_only: bool) -> int:

@@ -14,23 +14,27 @@ Every problem is reported as one `ConfigError` line that names the key.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import yaml
 
-PROVIDER_TYPES = ("openai", "gemini", "ollama", "dummy")
+PROVIDER_TYPES = ("openai", "gemini", "ollama", "anthropic", "azure", "dummy")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "WARN", "ERROR", "CRITICAL")
 DEFAULT_API_URLS = {
     "openai": "https://api.openai.com/v1",
     "gemini": "https://generativelanguage.googleapis.com",
     "ollama": "http://localhost:11434",
+    "anthropic": "https://api.anthropic.com",
 }
+AZURE_STYLES = ("deployment", "v1")
 DUMMY = "dummy"
 
 # Environment variables that override YAML, and the key each one overrides.
@@ -44,7 +48,10 @@ ENV_OVERRIDES = {
     "DRAIN_CANCELLED_STREAMS": ("server", "drain_cancelled_streams"),
     "SHUTDOWN_DELAY": ("server", "shutdown_delay"),
     "SHUTDOWN_GRACE": ("server", "shutdown_grace"),
+    "WATCH_CONFIG": ("server", "watch_config"),
     "LOG_LEVEL": ("logging", "level"),
+    "REDIS_URL": ("state", "redis_url"),
+    "USAGE_DATABASE": ("usage", "database"),
 }
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -72,6 +79,8 @@ class ServerConfig:
     # then seconds the requests in flight get to finish before they are ended cleanly.
     shutdown_delay: float = 0.0
     shutdown_grace: float = 30.0
+    # Reload when the config file's directory changes (a ConfigMap's symlink swap included).
+    watch_config: bool = True
 
 
 @dataclass(frozen=True)
@@ -85,7 +94,14 @@ class ProviderConfig:
     read_timeout: float = 600.0
     max_connections: int = 100
     latency_ms: float = 0.0  # dummy only
+    anthropic_version: str = "2023-06-01"  # anthropic only: the anthropic-version header
+    anthropic_beta: str = ""  # anthropic only: the anthropic-beta header, comma-separated
+    azure_style: str = "deployment"  # azure only: deployment URLs, or the v1 API
+    api_version: str = ""  # azure only: the api-version query; empty is the style's default
     headers: Mapping[str, str] = field(default_factory=dict, repr=False)
+    # The egress proxy, http://[user:password@]host:port; None: from HTTPS_PROXY/HTTP_PROXY/NO_PROXY,
+    # "": direct. It may hold a password: kept out of the repr.
+    proxy: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -120,6 +136,9 @@ class ModelRoute:
     load_balancing: str = "weighted"
     # Other model names to try, in order, when every deployment of this one failed retryably.
     fallback: tuple[str, ...] = ()
+    # USD per 1M tokens as exact decimal text ({input, cached_input, output}), overriding the built-in
+    # price of every deployment's upstream model; None: the built-in table's.
+    price: Mapping[str, str] | None = None
 
     @property
     def provider(self) -> str:
@@ -145,12 +164,86 @@ class RoutingConfig:
 
 
 @dataclass(frozen=True)
+class KeyLimits:
+    """Per-key limits; None: no limit of that kind."""
+
+    rpm: int | None = None
+    tpm: int | None = None
+    max_parallel: int | None = None
+
+
+@dataclass(frozen=True)
+class ApiKeyConfig:
+    """A gateway API key, held only as the SHA-256 digest of its secret."""
+
+    name: str
+    sha256: bytes = field(repr=False)
+    models: tuple[str, ...] | None = None  # None: every model
+    limits: KeyLimits = field(default_factory=KeyLimits)
+    metadata: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    # No keys: auth is off, every caller is served.
+    keys: tuple[ApiKeyConfig, ...] = ()
+
+
+@dataclass(frozen=True)
+class ModelLimits:
+    """Limits of one model, across every key."""
+
+    rpm: int | None = None
+    tpm: int | None = None
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    models: Mapping[str, ModelLimits] = field(default_factory=dict)
+    # The completion tokens a request reserves against tpm when it sets neither max_completion_tokens
+    # nor max_tokens.
+    default_max_tokens: int = 4096
+
+
+@dataclass(frozen=True)
+class StateConfig:
+    """Where limit state lives: in the process (no URL), or in Redis, shared by every worker and replica."""
+
+    redis_url: str = field(default="", repr=False)
+    # Seconds a Redis call may take before the in-process limiter answers instead.
+    timeout: float = 0.05
+    # Seconds a max_parallel slot lives unless renewed; a replica that dies frees its slots after this.
+    slot_lease: float = 10.0
+
+
+DEFAULT_USAGE_DATABASE = "sqlite:///./llm-gateway-usage.db"
+USAGE_SCHEMES = ("sqlite", "postgresql", "postgres")
+
+
+@dataclass(frozen=True)
+class UsageConfig:
+    """The usage ledger: one record per call, written in batches off the request path."""
+
+    # sqlite:///relative/path.db, sqlite:////absolute/path.db, postgresql://user:pass@host:port/db; "" is off.
+    database: str = field(default=DEFAULT_USAGE_DATABASE, repr=False)
+    batch_size: int = 500
+    # Seconds between writes when fewer than batch_size records are waiting.
+    flush_interval: float = 1.0
+    # Records held in memory while the database is away; beyond it the oldest are dropped, and counted.
+    buffer: int = 100_000
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     log_level: str = "INFO"
     providers: Mapping[str, ProviderConfig] = field(default_factory=dict)
     models: Mapping[str, ModelRoute] = field(default_factory=dict)
     routing: RoutingConfig = field(default_factory=RoutingConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    state: StateConfig = field(default_factory=StateConfig)
+    usage: UsageConfig = field(default_factory=UsageConfig)
     source: str = "<built-in default>"
 
 
@@ -179,7 +272,7 @@ def load(path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] 
 # The top-level sections parse() reads; any other top-level key is refused (a typo such as `modles:`,
 # or a section this version does not know, such as `auth:` in an older one, must not pass silently).
 # A change that adds a section adds its name here.
-SECTIONS = ("server", "logging", "providers", "models", "routing")
+SECTIONS = ("server", "logging", "providers", "models", "routing", "auth", "limits", "state", "usage")
 
 
 def parse(data: Any, environ: Mapping[str, str], source: str = "<built-in default>") -> Config:
@@ -210,7 +303,18 @@ def parse(data: Any, environ: Mapping[str, str], source: str = "<built-in defaul
             if other not in models or other == route.name:
                 raise ConfigError(f"models.{route.name}.fallback: {other!r} is not another configured model")
     routing = _routing(_section(data, "routing"))
-    return Config(server=server, log_level=level, providers=providers, models=models, routing=routing, source=source)
+    return Config(
+        server=server,
+        log_level=level,
+        providers=providers,
+        models=models,
+        routing=routing,
+        auth=_auth(_section(data, "auth"), models),
+        limits=_limits(_section(data, "limits"), models),
+        state=_state(_section(data, "state")),
+        usage=_usage(_section(data, "usage")),
+        source=source,
+    )
 
 
 def _expand(value: Any, environ: Mapping[str, str]) -> Any:
@@ -256,6 +360,7 @@ def _server(spec: dict[str, Any]) -> ServerConfig:
         drain_cancelled_streams=_flag(spec.get("drain_cancelled_streams", False), "server.drain_cancelled_streams"),
         shutdown_delay=_number(spec.get("shutdown_delay", defaults.shutdown_delay), "server.shutdown_delay"),
         shutdown_grace=_number(spec.get("shutdown_grace", defaults.shutdown_grace), "server.shutdown_grace"),
+        watch_config=_flag(spec.get("watch_config", defaults.watch_config), "server.watch_config"),
         max_body_bytes=_number(
             spec.get("max_body_bytes", defaults.max_body_bytes), "server.max_body_bytes", int, minimum=1
         ),
@@ -293,6 +398,20 @@ def _provider(name: str, spec: Any) -> ProviderConfig:
     for key, value in headers.items():
         if any(c in f"{key}{value}" for c in "\r\n\0"):
             raise ConfigError(f"{where}.headers.{key}: a header must not hold a line break")
+    beta = spec.get("anthropic_beta") or ""
+    if isinstance(beta, list):
+        beta = ",".join(str(item) for item in beta)
+    style = str(spec.get("azure_style") or "deployment")
+    if style not in AZURE_STYLES:
+        raise ConfigError(f"{where}.azure_style: {style!r} is not one of {', '.join(AZURE_STYLES)}")
+    texts = {
+        "anthropic_version": str(spec.get("anthropic_version") or "2023-06-01"),
+        "anthropic_beta": str(beta),
+        "api_version": str(spec.get("api_version") or ""),
+    }
+    for key, value in texts.items():
+        if any(c in value for c in "\r\n\0") or (key == "api_version" and any(c in value for c in " &#?")):
+            raise ConfigError(f"{where}.{key}: {value!r} is not a valid value")
     return ProviderConfig(
         name=name,
         type=kind,
@@ -303,7 +422,26 @@ def _provider(name: str, spec: Any) -> ProviderConfig:
         max_connections=_number(spec.get("max_connections", 100), f"{where}.max_connections", int, minimum=1),
         latency_ms=_number(spec.get("latency_ms", 0), f"{where}.latency_ms", minimum=0),
         headers={str(k): str(v) for k, v in headers.items()},
+        azure_style=style,
+        proxy=_proxy(spec.get("proxy"), f"{where}.proxy"),
+        **texts,
     )
+
+
+def _proxy(value: Any, where: str) -> str | None:
+    """A provider's proxy URL, checked without ever showing its credentials."""
+    if value is None or value == "":
+        return value  # type: ignore[no-any-return]
+    url = str(value) if "://" in str(value) else f"http://{value}"
+    parts = urlsplit(url)
+    shown = f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}"
+    try:
+        parts.port  # noqa: B018 - raises on a malformed port
+    except ValueError:
+        parts = parts._replace(scheme="")
+    if parts.scheme != "http" or not parts.hostname or parts.path not in ("", "/") or parts.query:
+        raise ConfigError(f"{where}: {shown!r} is not an http://[user:password@]host:port URL")
+    return url
 
 
 def _route(name: str, spec: Any, providers: Mapping[str, ProviderConfig]) -> ModelRoute:
@@ -334,8 +472,42 @@ def _route(name: str, spec: Any, providers: Mapping[str, ProviderConfig]) -> Mod
     if not isinstance(fallback, list):
         raise ConfigError(f"{where}.fallback: must be a list of model names")
     return ModelRoute(
-        name=name, deployments=deployments, load_balancing=strategy, fallback=tuple(str(f) for f in fallback)
+        name=name,
+        deployments=deployments,
+        load_balancing=strategy,
+        fallback=tuple(str(f) for f in fallback),
+        price=_price(spec.get("price"), f"{where}.price"),
     )
+
+
+PRICE_KEYS = ("input", "cached_input", "output")
+
+
+def _price(spec: Any, where: str) -> dict[str, str] | None:
+    """{input, cached_input, output} in USD per 1M tokens, each a whole number of micro-dollars."""
+    if spec is None:
+        return None
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{where}: must be a mapping of input, cached_input, output (USD per 1M tokens)")
+    for key in spec:
+        if key not in PRICE_KEYS:
+            raise ConfigError(f"{where}.{key}: unknown key (known: {', '.join(PRICE_KEYS)})")
+    for key in ("input", "output"):
+        if spec.get(key) is None:
+            raise ConfigError(f"{where}.{key}: required, USD per 1M tokens")
+    prices = {}
+    for key, value in spec.items():
+        if value is None:  # cached_input: null, priced as input
+            continue
+        try:
+            # Through str, never float arithmetic: 2.5 stays Decimal("2.5").
+            amount = Decimal(str(value)) if not isinstance(value, bool) else Decimal("NaN")
+        except InvalidOperation:
+            amount = Decimal("NaN")
+        if not amount.is_finite() or amount < 0 or (amount * 1_000_000) % 1:
+            raise ConfigError(f"{where}.{key}: {value!r} is not a price in USD per 1M tokens (at most 6 decimals)")
+        prices[key] = str(amount)
+    return prices
 
 
 def _deployment(where: str, model: str, spec: Any, providers: Mapping[str, ProviderConfig]) -> Deployment:
@@ -382,6 +554,119 @@ def _routing(spec: dict[str, Any]) -> RoutingConfig:
         cooldown_window=_number(spec.get("cooldown_window", defaults.cooldown_window), "routing.cooldown_window"),
         cooldown_seconds=_number(spec.get("cooldown_seconds", defaults.cooldown_seconds), "routing.cooldown_seconds"),
     )
+
+
+_KEY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@:-]{0,63}")
+# auth's own keys; each is parsed by its entry in `_auth`.
+AUTH_KEYS = ("keys",)
+
+
+def _auth(spec: dict[str, Any], models: Mapping[str, ModelRoute]) -> AuthConfig:
+    for key in spec:
+        if key not in AUTH_KEYS:
+            raise ConfigError(f"auth.{key}: unknown key (known: {', '.join(AUTH_KEYS)})")
+    items = spec.get("keys") or []
+    if not isinstance(items, list):
+        raise ConfigError("auth.keys: must be a list of {name, key | key_sha256, models, limits, metadata}")
+    keys = tuple(_api_key(f"auth.keys[{i}]", item, models) for i, item in enumerate(items))
+    for what, values in (("names", [k.name for k in keys]), ("keys", [k.sha256 for k in keys])):
+        if len(set(values)) != len(values):
+            raise ConfigError(f"auth.keys: {what} must be unique")
+    return AuthConfig(keys=keys)
+
+
+def _api_key(where: str, spec: Any, models: Mapping[str, ModelRoute]) -> ApiKeyConfig:
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{where}: must be a mapping of name, key | key_sha256, models, limits, metadata")
+    for key in spec:
+        if key not in ("name", "key", "key_sha256", "models", "limits", "metadata"):
+            raise ConfigError(f"{where}.{key}: unknown key (known: key, key_sha256, limits, metadata, models, name)")
+    name = spec.get("name")
+    if not isinstance(name, str) or not _KEY_NAME.fullmatch(name):
+        raise ConfigError(f"{where}.name: required; letters, digits and . _ @ : - (at most 64)")
+    where = f"auth.keys.{name}"
+    if ("key" in spec) == ("key_sha256" in spec):
+        raise ConfigError(f"{where}: set exactly one of key and key_sha256")
+    if "key" in spec:
+        secret = spec["key"]
+        if not isinstance(secret, str) or len(secret) < 8:
+            raise ConfigError(f"{where}.key: must be at least 8 characters (is its environment variable set?)")
+        sha256 = hashlib.sha256(secret.encode()).digest()
+    else:
+        text = str(spec["key_sha256"] or "").strip().lower()
+        if not re.fullmatch(r"[0-9a-f]{64}", text):
+            raise ConfigError(f"{where}.key_sha256: must be 64 hexadecimal digits")
+        sha256 = bytes.fromhex(text)
+    allowed = spec.get("models")
+    if allowed is not None:
+        if not isinstance(allowed, list) or not all(isinstance(m, str) for m in allowed):
+            raise ConfigError(f"{where}.models: must be a list of model names")
+        for model in allowed:
+            if model not in models:
+                raise ConfigError(f"{where}.models: {model!r} is not a configured model")
+    limits = _mapping(spec.get("limits"), f"{where}.limits")
+    _only_known_keys(limits, f"{where}.limits", KeyLimits)
+    metadata = _mapping(spec.get("metadata"), f"{where}.metadata")
+    return ApiKeyConfig(
+        name=name,
+        sha256=sha256,
+        models=tuple(allowed) if allowed is not None else None,
+        limits=KeyLimits(**{k: _number(v, f"{where}.limits.{k}", int, minimum=1) for k, v in limits.items()}),
+        metadata={str(k): str(v) for k, v in metadata.items()},
+    )
+
+
+def _limits(spec: dict[str, Any], models: Mapping[str, ModelRoute]) -> LimitsConfig:
+    default_max_tokens = _number(spec.get("default_max_tokens", 4096), "limits.default_max_tokens", int, minimum=1)
+    per_model = {}
+    for model, value in spec.items():
+        if model == "default_max_tokens":
+            continue
+        if model not in models:
+            raise ConfigError(f"limits.{model}: not a configured model")
+        limits = _mapping(value, f"limits.{model}")
+        _only_known_keys(limits, f"limits.{model}", ModelLimits)
+        per_model[model] = ModelLimits(
+            **{k: _number(v, f"limits.{model}.{k}", int, minimum=1) for k, v in limits.items()}
+        )
+    return LimitsConfig(models=per_model, default_max_tokens=default_max_tokens)
+
+
+def _state(spec: dict[str, Any]) -> StateConfig:
+    _only_known_keys(spec, "state", StateConfig)
+    url = str(spec.get("redis_url") or "")
+    if url and urlsplit(url).scheme not in ("redis", "rediss", "unix"):
+        raise ConfigError("state.redis_url: must be a redis://, rediss:// or unix:// URL")
+    return StateConfig(
+        redis_url=url,
+        timeout=_number(spec.get("timeout", 0.05), "state.timeout", minimum=0.001),
+        slot_lease=_number(spec.get("slot_lease", 10.0), "state.slot_lease", minimum=0.1),
+    )
+
+
+def _usage(spec: dict[str, Any]) -> UsageConfig:
+    _only_known_keys(spec, "usage", UsageConfig)
+    database = str(spec.get("database", DEFAULT_USAGE_DATABASE) or "")
+    if database:
+        parts = urlsplit(database)
+        if parts.scheme not in USAGE_SCHEMES or (parts.scheme == "sqlite" and len(parts.path) < 2):
+            raise ConfigError(
+                "usage.database: must be sqlite:///path/to/file.db, postgresql://user:password@host:port/db or empty"
+            )
+    return UsageConfig(
+        database=database,
+        batch_size=_number(spec.get("batch_size", 500), "usage.batch_size", int, minimum=1),
+        flush_interval=_number(spec.get("flush_interval", 1.0), "usage.flush_interval", minimum=0.01),
+        buffer=_number(spec.get("buffer", 100_000), "usage.buffer", int, minimum=1),
+    )
+
+
+def _mapping(value: Any, where: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: must be a mapping")
+    return value
 
 
 def _flag(value: Any, where: str) -> bool:

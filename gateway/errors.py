@@ -8,6 +8,7 @@ edge is a lookup, never an if-chain:
     │   ├── RequestTimeoutError       408 INVALID_ARGUMENT   invalid_request_error
     │   └── RequestTooLargeError      413 INVALID_ARGUMENT   invalid_request_error
     ├── AuthenticationError           401 UNAUTHENTICATED    authentication_error
+    │   └── InvalidApiKeyError        401 UNAUTHENTICATED    invalid_request_error, code invalid_api_key
     ├── PermissionDeniedError         403 PERMISSION_DENIED  permission_error
     ├── NotFoundError                 404 NOT_FOUND          invalid_request_error
     │   └── ModelNotFoundError        404 NOT_FOUND          invalid_request_error, code model_not_found
@@ -32,8 +33,9 @@ from typing import Any
 
 import grpc
 import orjson
-from google.protobuf import any_pb2
-from google.rpc import status_pb2
+from google.protobuf import any_pb2, duration_pb2
+from google.protobuf.message import Message
+from google.rpc import error_details_pb2, status_pb2
 
 from llm_gateway.v1 import chat_pb2
 
@@ -153,10 +155,17 @@ class GatewayError(Exception):
             detail.code = self.code
         return detail
 
+    def grpc_details(self) -> list[Message]:
+        """The messages packed into the google.rpc.Status details: the ErrorDetail, then any standard ones."""
+        return [self.to_detail()]
+
     def grpc_trailers(self) -> tuple[tuple[str, bytes], ...]:
-        packed = any_pb2.Any()
-        packed.Pack(self.to_detail())
-        status = status_pb2.Status(code=self.grpc_code.value[0], message=self.message, details=[packed])
+        details = []
+        for message in self.grpc_details():
+            packed = any_pb2.Any()
+            packed.Pack(message)
+            details.append(packed)
+        status = status_pb2.Status(code=self.grpc_code.value[0], message=self.message, details=details)
         return ((STATUS_DETAILS_KEY, status.SerializeToString()),)
 
     @classmethod
@@ -223,10 +232,34 @@ class MethodNotAllowedError(GatewayError):
     code = "method_not_allowed"
 
 
+class InvalidApiKeyError(AuthenticationError):
+    """A missing or unknown gateway API key, shaped as OpenAI's."""
+
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
 class RateLimitError(GatewayError):
     grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
     http_status = 429
     type = "rate_limit_error"
+    # The gateway's own limits set these; gRPC callers then get google.rpc.RetryInfo and QuotaFailure.
+    retry_after: float | None = None  # seconds
+    quota_subject: str = ""  # "key:<name>" or "model:<name>"
+    quota_description: str = ""
+
+    def grpc_details(self) -> list[Message]:
+        details = super().grpc_details()
+        if self.retry_after is not None:
+            delay = duration_pb2.Duration()
+            delay.FromMilliseconds(max(0, round(self.retry_after * 1000)))
+            details.append(error_details_pb2.RetryInfo(retry_delay=delay))
+        if self.quota_subject:
+            violation = error_details_pb2.QuotaFailure.Violation(
+                subject=self.quota_subject, description=self.quota_description
+            )
+            details.append(error_details_pb2.QuotaFailure(violations=[violation]))
+        return details
 
 
 class ClientClosedError(GatewayError):

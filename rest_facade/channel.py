@@ -53,9 +53,10 @@ def rpc_error(error: grpc.aio.AioRpcError, method: str) -> GatewayError:
 
 
 def _answered_by(metadata: Any, call: CallInfo) -> None:
-    """The service's x-llm-gateway-* initial metadata (what answered) into the call, for the headers."""
+    """The service's x-llm-gateway-* (what answered) and x-ratelimit-* initial metadata into the call,
+    for the headers."""
     for key, value in metadata or ():
-        if key.startswith("x-llm-gateway-") and isinstance(value, str):
+        if key.startswith(("x-llm-gateway-", "x-ratelimit-")) and isinstance(value, str):
             call.response_metadata[key] = value
 
 
@@ -124,6 +125,7 @@ class ChannelBackend:
             rpc = self._unary[method](request, metadata=call.metadata, timeout=call.timeout)
             response: Message = await rpc
             _answered_by(await rpc.initial_metadata(), call)
+            _answered_by(await rpc.trailing_metadata(), call)  # x-llm-gateway-cost-usd is a trailer
         except grpc.aio.AioRpcError as error:
             raise rpc_error(error, method) from None
         return response

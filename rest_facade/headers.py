@@ -3,6 +3,7 @@
 Metadata is an explicit allow-list, lower-case keys, values passed as sent:
 
     authorization   the client's credential, for the gateway's own auth; the service never sends it upstream
+    api-key         the same, as Azure's SDKs send it
     x-request-id    accepted when sane (printable ASCII, at most 128 characters), else generated; echoed back
     traceparent     W3C trace context, forwarded so traces continue through the gateway
     tracestate
@@ -27,7 +28,7 @@ from gateway.call import CallInfo, new_request_id
 from gateway.errors import InvalidRequestError
 
 REQUEST_ID = "x-request-id"
-FORWARDED = ("authorization", "traceparent", "tracestate")
+FORWARDED = ("authorization", "api-key", "traceparent", "tracestate")
 TIMEOUT_HEADERS = ("x-request-timeout", "grpc-timeout")
 
 _MAX_REQUEST_ID = 128

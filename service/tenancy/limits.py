@@ -1,0 +1,178 @@
+"""Rate-limit scopes, reservations, and how a verdict reads to a client: OpenAI's headers and 429s.
+
+Scopes: per key (rpm, tpm, max_parallel) and per model across every key (rpm, tpm). A request charges
+1 to each requests bucket and its reservation to each tokens bucket, and takes a slot of its key's
+max_parallel; the state backend admits all of it or none. The reservation is an estimate of the prompt
+plus the completion cap (max_completion_tokens, max_tokens, or `limits.default_max_tokens`) times `n`;
+after the response the provider's usage replaces it, once.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from gateway.config import Config
+from gateway.errors import RateLimitError
+from llm_gateway.v1 import chat_pb2
+
+from .state import Bucket, Level, SlotPool, Verdict
+
+# Tokens counted for an image, audio clip or file in a prompt (OpenAI's low-detail image cost).
+ATTACHMENT_TOKENS = 85
+# Tokens of framing per message, and for the reply's priming, as OpenAI's cookbook counts them.
+MESSAGE_TOKENS = 4
+REPLY_TOKENS = 3
+CHARS_PER_TOKEN = 4
+
+
+def estimate_prompt_tokens(request: chat_pb2.CreateChatCompletionRequest) -> int:
+    """About four characters a token: cheap (no tokenizer), and within a few tokens for English text."""
+    chars = 0
+    attachments = 0
+    for message in request.messages:
+        kind = message.WhichOneof("content")
+        if kind == "content_text":
+            chars += len(message.content_text)
+        elif kind == "content_parts":
+            for part in message.content_parts.parts:
+                if part.HasField("text"):
+                    chars += len(part.text)
+                else:
+                    attachments += 1
+        for call in message.tool_calls:
+            chars += len(call.function.arguments) + len(call.function.name)
+    for tool in request.tools:
+        chars += tool.ByteSize()
+    return (
+        chars // CHARS_PER_TOKEN
+        + MESSAGE_TOKENS * len(request.messages)
+        + REPLY_TOKENS
+        + (ATTACHMENT_TOKENS * attachments)
+    )
+
+
+def completion_cap(request: chat_pb2.CreateChatCompletionRequest, default: int) -> int:
+    if request.HasField("max_completion_tokens"):
+        cap = request.max_completion_tokens
+    elif request.HasField("max_tokens"):
+        cap = request.max_tokens
+    else:
+        cap = default
+    return max(cap, 0) * (request.n if request.HasField("n") and request.n > 0 else 1)
+
+
+def go_duration(ms: float) -> str:
+    """A duration as OpenAI (and Go) write it: `20ms`, `1s`, `1.5s`, `6m0s`, `1h0m0s`."""
+    whole = max(0, math.ceil(ms - 1e-9))
+    if whole == 0:
+        return "0s"
+    if whole < 1000:
+        return f"{whole}ms"
+    hours, rest = divmod(whole, 3_600_000)
+    minutes, rest = divmod(rest, 60_000)
+    seconds = f"{rest / 1000:.3f}".rstrip("0").rstrip(".")
+    if hours:
+        return f"{hours}h{minutes}m{seconds}s"
+    if minutes:
+        return f"{minutes}m{seconds}s"
+    return f"{seconds}s"
+
+
+@dataclass(frozen=True, slots=True)
+class Scopes:
+    """Every scope a (key, model) pair must pass, built once at start-up."""
+
+    requests: tuple[Bucket, ...]
+    tokens: tuple[Bucket, ...]
+    pools: tuple[SlotPool, ...]
+
+    def __bool__(self) -> bool:
+        return bool(self.requests or self.tokens or self.pools)
+
+
+KeyScopes = tuple[tuple[Bucket, ...], tuple[Bucket, ...], tuple[SlotPool, ...]]
+
+
+def _bucket(scope: str, owner: str, kind: str, limit: int | None) -> tuple[Bucket, ...]:
+    suffix = "rpm" if kind == "requests" else "tpm"
+    return (Bucket(f"{scope}:{owner}:{suffix}", scope, owner, kind, limit),) if limit else ()
+
+
+def key_buckets(config: Config) -> dict[str, KeyScopes]:
+    out: dict[str, KeyScopes] = {}
+    for key in config.auth.keys:
+        name, limits = key.name, key.limits
+        pools = (SlotPool(f"key:{name}:parallel", name, limits.max_parallel),) if limits.max_parallel else ()
+        out[name] = (_bucket("key", name, "requests", limits.rpm), _bucket("key", name, "tokens", limits.tpm), pools)
+    return out
+
+
+def model_buckets(config: Config) -> dict[str, KeyScopes]:
+    return {
+        model: (_bucket("model", model, "requests", limits.rpm), _bucket("model", model, "tokens", limits.tpm), ())
+        for model, limits in config.limits.models.items()
+    }
+
+
+def headers(levels: Sequence[Level], requests: int) -> dict[str, str]:
+    """OpenAI's x-ratelimit-* for the tightest requests scope and the tightest tokens scope."""
+    out: dict[str, str] = {}
+    for kind, group in (("requests", levels[:requests]), ("tokens", levels[requests:])):
+        if group:
+            tight = min(group, key=_remaining)
+            out[f"x-ratelimit-limit-{kind}"] = str(int(tight.limit))
+            out[f"x-ratelimit-remaining-{kind}"] = str(max(0, math.floor(tight.remaining + 1e-9)))
+            out[f"x-ratelimit-reset-{kind}"] = go_duration(tight.reset_ms)
+    return out
+
+
+def _remaining(level: Level) -> float:
+    return level.remaining
+
+
+def _who(scope: str, owner: str) -> str:
+    return owner if scope == "key" else f"model {owner}"
+
+
+def rejection(verdict: Verdict, scopes: Scopes, costs: Sequence[float]) -> RateLimitError:
+    """The 429 for a verdict that failed: OpenAI's body, Retry-After, and the gRPC details."""
+    charged = (*scopes.requests, *scopes.tokens)
+    retry = max(verdict.retry_ms, 1.0)
+    if verdict.failed < len(charged):
+        bucket = charged[verdict.failed]
+        kind, subject = bucket.kind, f"{bucket.scope}:{bucket.owner}"
+        what = "requests per min (RPM)" if kind == "requests" else "tokens per min (TPM)"
+        who = _who(bucket.scope, bucket.owner)
+        requested = costs[verdict.failed]
+    else:
+        pool = scopes.pools[verdict.failed - len(charged)]
+        kind, subject, what, who, requested = "requests", f"key:{pool.owner}", "parallel requests", pool.owner, 1
+    message = (
+        f"Rate limit reached for {who} on {what}: Limit {int(verdict.limit)}, "
+        f"Used {math.ceil(verdict.used - 1e-9)}, Requested {int(requested)}. Please try again in {go_duration(retry)}."
+    )
+    error = RateLimitError(
+        message,
+        code="rate_limit_exceeded",
+        headers={"retry-after": str(math.ceil(retry / 1000)), "retry-after-ms": str(math.ceil(retry))},
+    )
+    error.type = kind
+    error.retry_after = retry / 1000
+    error.quota_subject, error.quota_description = subject, what
+    return error
+
+
+def too_large(bucket: Bucket, requested: float) -> RateLimitError:
+    """A reservation that exceeds a bucket's whole capacity can never pass: a 429 the SDKs do not retry."""
+    error = RateLimitError(
+        f"Request too large for {_who(bucket.scope, bucket.owner)} on tokens per min (TPM): Limit "
+        f"{int(bucket.limit)}, Requested {int(requested)}. The input or output tokens must be reduced in order "
+        "to run successfully.",
+        code="rate_limit_exceeded",
+        headers={"x-should-retry": "false"},
+    )
+    error.type = "tokens"
+    error.quota_subject, error.quota_description = f"{bucket.scope}:{bucket.owner}", "tokens per min (TPM)"
+    return error

@@ -1,0 +1,241 @@
+"""Limit state in Redis, shared by every worker and replica.
+
+One Lua script does a request's whole admission in one round trip, atomically: it first applies the
+settlements this process has queued since its last call (so settling costs no round trip of its own
+under load), purges expired slot leases, checks every bucket and pool, and takes them all or none. The
+clock is Redis's own (TIME), so replicas with skewed clocks agree. Every key shares one hash tag, so
+the script's keys live in one slot and it runs on Redis Cluster too.
+
+    {llm-gateway}:b:<bucket id>   hash: t = the bucket's tat (ms), n = net units charged while it is not idle
+    {llm-gateway}:s:<pool id>     sorted set: lease -> expiry (ms)
+
+A bucket's hash expires a minute after it is full again, a pool's set once its last lease has expired.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+
+import redis.asyncio
+import redis.exceptions
+
+from gateway.logs import get_logger
+
+from .state import WINDOW_MS, Bucket, Charges, Level, SlotPool, StateUnavailable, Verdict
+
+log = get_logger("tenancy")
+
+PREFIX = "{llm-gateway}:"
+# Queued settlements go out with the next admission, or after this many seconds when none comes.
+SETTLE_DELAY = 0.01
+
+# KEYS: admission buckets (nb), admission pools (np), settled buckets (nsb), released pools (nr)
+# ARGV: nb, np, nsb, nr, lease, lease_ms, then (interval, cost) * nb, limit * np, (interval, delta) * nsb,
+#       lease * nr
+# Returns {1, debt...} or {0, failed index (1-based), retry ms, used, limit}; numbers as strings (a Lua
+# number would come back truncated to an integer).
+ADMIT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+local nb, np, nsb, nr = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local lease, lease_ms = ARGV[5], tonumber(ARGV[6])
+local window = 60000
+local function tat_of(key)
+  local v = redis.call('HGET', key, 't')
+  if v then return math.max(tonumber(v), now) end
+  return now
+end
+local function store(key, tat, units)
+  redis.call('HSET', key, 't', string.format('%.17g', tat))
+  redis.call('HINCRBYFLOAT', key, 'n', units)
+  redis.call('PEXPIRE', key, math.ceil(tat - now + window))
+end
+local a = 6 + 2 * nb + np
+local k = nb + np
+for i = 1, nsb do
+  local key = KEYS[k + i]
+  local interval, delta = tonumber(ARGV[a + 2 * i - 1]), tonumber(ARGV[a + 2 * i])
+  store(key, math.max(tat_of(key) + delta * interval, now), delta)
+end
+a = a + 2 * nsb
+k = k + nsb
+for i = 1, nr do
+  redis.call('ZREM', KEYS[k + i], ARGV[a + i])
+end
+local news = {}
+for i = 1, nb do
+  local interval, cost = tonumber(ARGV[5 + 2 * i]), tonumber(ARGV[6 + 2 * i])
+  local tat = tat_of(KEYS[i])
+  local new = tat + cost * interval
+  if new - now > window + 0.000001 then
+    return {0, i, string.format('%.17g', new - now - window), string.format('%.17g', (tat - now) / interval)}
+  end
+  news[i] = new
+end
+for j = 1, np do
+  local key = KEYS[nb + j]
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+  local held = redis.call('ZCARD', key)
+  if held >= tonumber(ARGV[6 + 2 * nb + j]) then
+    return {0, nb + j, '1000', tostring(held)}
+  end
+end
+local out = {1}
+for i = 1, nb do
+  store(KEYS[i], news[i], tonumber(ARGV[6 + 2 * i]))
+  out[i + 1] = string.format('%.17g', news[i] - now)
+end
+for j = 1, np do
+  redis.call('ZADD', KEYS[nb + j], now + lease_ms, lease)
+  redis.call('PEXPIRE', KEYS[nb + j], math.ceil(lease_ms))
+end
+return out
+"""
+
+# KEYS: pools; ARGV: lease_ms, then the lease held in each pool. Only leases still held are renewed.
+RENEW = """
+local t = redis.call('TIME')
+local expiry = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000 + tonumber(ARGV[1])
+for i = 1, #KEYS do
+  if redis.call('ZADD', KEYS[i], 'XX', 'CH', expiry, ARGV[i + 1]) == 1 then
+    redis.call('PEXPIRE', KEYS[i], math.ceil(tonumber(ARGV[1])))
+  end
+end
+return #KEYS
+"""
+
+_FAILURES = (redis.exceptions.RedisError, OSError, asyncio.TimeoutError)
+
+
+class RedisState:
+    name = "redis"
+
+    def __init__(self, url: str, timeout: float, lease_seconds: float) -> None:
+        # The client's own timeouts bound every call; no retries: a slow Redis means the in-process
+        # limiter answers this request, not a second wait.
+        self._redis: Any = redis.asyncio.Redis.from_url(
+            url,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            retry_on_timeout=False,
+            retry=None,
+            health_check_interval=0,
+        )
+        self._timeout = timeout
+        self._admit = self._redis.register_script(ADMIT)
+        self._renew = self._redis.register_script(RENEW)
+        self._lease_ms = lease_seconds * 1000.0
+        self._lease_seconds = lease_seconds
+        self._settles: list[tuple[Bucket, float]] = []
+        self._releases: list[tuple[SlotPool, str]] = []
+        self._flush: asyncio.TimerHandle | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._renewer: asyncio.Task[None] | None = None
+        # Leases held by calls in flight in this process, renewed together every third of the lease.
+        self._leases: dict[str, Sequence[SlotPool]] = {}
+        self.on_failure: Any = None  # set by the failover wrapper: called with the exception
+
+    async def ping(self) -> None:
+        try:
+            async with asyncio.timeout(self._timeout):
+                await self._redis.ping()
+        except _FAILURES as exc:
+            raise StateUnavailable(type(exc).__name__) from None
+
+    async def admit(self, charges: Charges, pools: Sequence[SlotPool], lease: str) -> Verdict:
+        settles, releases = self._settles, self._releases
+        self._settles, self._releases = [], []
+        keys = [PREFIX + "b:" + bucket.id for bucket, _ in charges]
+        keys += [PREFIX + "s:" + pool.id for pool in pools]
+        keys += [PREFIX + "b:" + bucket.id for bucket, _ in settles]
+        keys += [PREFIX + "s:" + pool.id for pool, _ in releases]
+        args: list[Any] = [len(charges), len(pools), len(settles), len(releases), lease, self._lease_ms]
+        for bucket, cost in charges:
+            args += (WINDOW_MS / bucket.limit, cost)
+        args += [pool.limit for pool in pools]
+        for bucket, delta in settles:
+            args += (WINDOW_MS / bucket.limit, delta)
+        args += [held for _, held in releases]
+        try:
+            async with asyncio.timeout(self._timeout):
+                reply = await self._admit(keys, args)
+        except _FAILURES as exc:
+            # The queued settlements are dropped, never sent twice: leases expire on their own, and a lost
+            # refund only errs on the strict side.
+            raise StateUnavailable(type(exc).__name__) from None
+        if int(reply[0]) != 1:
+            failed = int(reply[1]) - 1
+            if failed < len(charges):
+                bucket = charges[failed][0]
+                return Verdict(False, [], failed, float(reply[2]), float(reply[3]), bucket.limit, self)
+            pool = pools[failed - len(charges)]
+            return Verdict(False, [], failed, float(reply[2]), float(reply[3]), pool.limit, self)
+        if pools:
+            self._leases[lease] = pools
+            if self._renewer is None:  # started with the first slot held, on the serving loop
+                self._renewer = asyncio.get_running_loop().create_task(self._renew_forever())
+        levels = []
+        for (bucket, _), debt in zip(charges, reply[1:], strict=True):
+            reset = float(debt)
+            interval = WINDOW_MS / bucket.limit
+            levels.append(Level(bucket.limit, (WINDOW_MS - reset) / interval, reset))
+        return Verdict(True, levels, state=self)
+
+    def settle(self, adjustments: Charges, pools: Sequence[SlotPool], lease: str) -> None:
+        if pools:
+            self._leases.pop(lease, None)
+            self._releases += [(pool, lease) for pool in pools]
+        self._settles += [(bucket, delta) for bucket, delta in adjustments if delta]
+        if (self._settles or self._releases) and self._flush is None:
+            self._flush = asyncio.get_running_loop().call_later(SETTLE_DELAY, self._flush_now)
+
+    def _flush_now(self) -> None:
+        self._flush = None
+        if self._settles or self._releases:
+            task = asyncio.get_running_loop().create_task(self._send_settlements())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _send_settlements(self) -> None:
+        try:
+            await self.admit((), (), "")
+        except StateUnavailable as exc:
+            if self.on_failure is not None:
+                self.on_failure(exc)
+
+    async def _renew_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self._lease_seconds / 3)
+            if not self._leases:
+                continue
+            held = [(pool, lease) for lease, pools in self._leases.items() for pool in pools]
+            keys = [PREFIX + "s:" + pool.id for pool, _ in held]
+            try:
+                async with asyncio.timeout(self._timeout):
+                    await self._renew(keys, [self._lease_ms, *(lease for _, lease in held)])
+            except _FAILURES as exc:
+                if self.on_failure is not None:
+                    self.on_failure(StateUnavailable(type(exc).__name__))
+
+    async def charged(self, bucket_id: str) -> float:
+        """Net units charged to a bucket while it has not been idle for a minute."""
+        value = await self._redis.hget(PREFIX + "b:" + bucket_id, "n")
+        return float(value or 0)
+
+    async def in_use(self, pool_id: str) -> int:
+        key = PREFIX + "s:" + pool_id
+        now_s, now_us = await self._redis.time()
+        return int(await self._redis.zcount(key, now_s * 1000 + now_us / 1000, "+inf"))
+
+    async def close(self) -> None:
+        if self._flush is not None:
+            self._flush.cancel()
+            self._flush = None
+        if self._settles or self._releases:
+            await self._send_settlements()
+        if self._renewer is not None:
+            self._renewer.cancel()
+        await asyncio.gather(*self._tasks, *(t for t in (self._renewer,) if t), return_exceptions=True)
+        await self._redis.aclose()

@@ -1,0 +1,87 @@
+"""The interface of limit state, which one module per backend implements: `memory` (this process) and
+`redis` (every worker and replica), with `failover` putting the first behind the second.
+
+Buckets hold a per-minute limit refilled continuously (GCRA: the state of a bucket is its theoretical
+arrival time, `tat`, in milliseconds). A charge of `cost` units moves `tat` by `cost * interval`; it is
+admitted when the debt that leaves, `tat - now`, is at most one minute. Slot pools hold leases, one per
+call in flight.
+
+`admit` checks every charge and pool of a request and takes them all, or none: a rejection consumes
+nothing. `settle` replaces a reservation with what was used and releases slots; it never waits and
+never fails (a backend may send it with its next admission).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+WINDOW_MS = 60_000.0
+# Float slack when a burst of exactly `limit` lands on the window's edge (7 * 60000/7 != 60000).
+EPSILON_MS = 1e-6
+
+
+@dataclass(frozen=True, slots=True)
+class Bucket:
+    """One per-minute limit of one scope, built at start-up."""
+
+    id: str  # "key:<name>:rpm", "model:<name>:tpm": the state's own key
+    scope: str  # "key" | "model"
+    owner: str  # the key's or the model's name
+    kind: str  # "requests" | "tokens"
+    limit: float  # per minute, as configured
+
+    @property
+    def label(self) -> str:
+        return "RPM" if self.kind == "requests" else "TPM"
+
+
+@dataclass(frozen=True, slots=True)
+class SlotPool:
+    """A key's max_parallel."""
+
+    id: str  # "key:<name>:parallel"
+    owner: str
+    limit: int
+
+
+@dataclass(slots=True)
+class Level:
+    """A bucket after an admission: the limit enforced, units left, milliseconds until it is full."""
+
+    limit: float
+    remaining: float
+    reset_ms: float
+
+
+@dataclass(slots=True)
+class Verdict:
+    ok: bool
+    levels: list[Level]  # ok: one per charge, in order
+    failed: int = -1  # not ok: the index of the failing charge, or len(charges) + the failing pool's index
+    retry_ms: float = 0.0  # not ok: until the request would pass that scope
+    used: float = 0.0  # not ok: units in use in that scope
+    limit: float = 0.0  # not ok: that scope's enforced limit
+    state: LimitState | None = None  # which backend decided: the one to settle with
+
+
+class StateUnavailable(Exception):
+    """The backend could not answer (timeout, connection, server error)."""
+
+
+Charges = Sequence[tuple[Bucket, float]]
+
+
+class LimitState(Protocol):
+    name: str
+
+    async def admit(self, charges: Charges, pools: Sequence[SlotPool], lease: str) -> Verdict:
+        """All of `charges` and a slot in each of `pools` (held under `lease`), or nothing."""
+        ...
+
+    def settle(self, adjustments: Charges, pools: Sequence[SlotPool], lease: str) -> None:
+        """Add each adjustment (actual minus reserved, may be negative) and release the lease's slots."""
+        ...
+
+    async def close(self) -> None: ...
