@@ -1,7 +1,8 @@
 """Which failures are worth another attempt, how long to wait first, and where to try next.
 
-Retryable: connection errors, timeouts, invalid upstream responses, 408, 409, 429 and 5xx. Everything
-else (400, 401, 403, 404, 413, 422, ...) goes straight back to the client with the upstream's body.
+Retryable: connection errors, timeouts, invalid upstream responses, 408, 409, 429 and 5xx, except a
+429 for a spend limit or an exhausted quota. Everything else (400, 401, 403, 404, 413, 422, ...) goes
+straight back to the client with the upstream's body.
 
 An attempt plan walks the model's deployments (up to `retries` attempts after the first), then each
 fallback model in order with the same budget. A retry on the same deployment waits an exponential
@@ -32,10 +33,14 @@ from gateway.errors import (
 from .balancer import Balancer, DeploymentState
 
 _RETRYABLE_STATUS = frozenset({408, 409, 429})
+# 429s that no wait will fix: a spend limit (Anthropic) or an exhausted quota (OpenAI).
+_FINAL_CODES = frozenset({"enforced_spend_limit_reached", "insufficient_quota"})
 
 
 def retryable(error: GatewayError) -> bool:
     if isinstance(error, UpstreamError):
+        if error.code in _FINAL_CODES:
+            return False
         return error.http_status in _RETRYABLE_STATUS or error.http_status >= 500
     return isinstance(error, (UpstreamUnavailableError, UpstreamTimeoutError, BadGatewayError))
 

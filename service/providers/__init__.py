@@ -1,9 +1,11 @@
-"""Providers: the built-in dummy, and every OpenAI-compatible upstream (openai, gemini, ollama, ...)."""
+"""Providers: the built-in dummy, Anthropic's Messages API, Azure OpenAI, and every OpenAI-compatible
+upstream (openai, gemini, ollama, ...)."""
 
 from __future__ import annotations
 
 from gateway.config import ProviderConfig
 
+from .anthropic import AnthropicProvider
 from .base import Provider
 from .dummy import DummyProvider
 from .openai_compat import OpenAICompatibleProvider
@@ -12,8 +14,10 @@ from .openai_compat import OpenAICompatibleProvider
 def build_provider(config: ProviderConfig) -> Provider:
     if config.type == "dummy":
         return DummyProvider(config)
+    if config.type == "anthropic":
+        return AnthropicProvider(config)
     # openai, gemini and ollama differ only in how the chat URL derives from api_url.
     return OpenAICompatibleProvider(config)
 
 
-__all__ = ["DummyProvider", "OpenAICompatibleProvider", "Provider", "build_provider"]
+__all__ = ["AnthropicProvider", "DummyProvider", "OpenAICompatibleProvider", "Provider", "build_provider"]

@@ -1,19 +1,27 @@
 """What every provider that calls an HTTP upstream shares: the keep-alive pool (created on first use
-inside the serving event loop), sending a request with its pre-rendered head, the deployment's
-deadlines, and mapping transport failures to the gateway's errors.
+inside the serving event loop), sending a request with its pre-rendered head, one JSON exchange, a
+Server-Sent Events stream read in batches, the deployment's deadlines, and mapping transport failures
+to the gateway's errors. A provider adds its URL, its heads and its translation.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 import orjson
 
 from gateway.call import CallInfo
 from gateway.config import ProviderConfig, Timeouts
-from gateway.errors import BadGatewayError, GatewayError, UpstreamTimeoutError, UpstreamUnavailableError
+from gateway.errors import (
+    BadGatewayError,
+    GatewayError,
+    UpstreamError,
+    UpstreamTimeoutError,
+    UpstreamUnavailableError,
+)
+from llm_gateway.v1 import chat_pb2
 
 from ..deadline import Deadline
 from . import http1
@@ -21,6 +29,10 @@ from . import http1
 # Client metadata that may travel upstream; never `authorization`, which is the gateway's own.
 _FORWARDED_METADATA = ("traceparent", "tracestate")
 _PASSED_BACK_HEADERS = ("retry-after", "retry-after-ms")
+
+Chunks = list[chat_pb2.ChatCompletionChunk]
+# Translates one SSE event's data into chunks appended to the list; True at the stream's last event.
+Step = Callable[[bytes, Chunks], bool]
 
 
 class HTTPProvider:
@@ -56,6 +68,86 @@ class HTTPProvider:
         return await within(
             first, self._client().request(http1.with_body(head, orjson.dumps(body), extra), timeouts.connect)
         )
+
+    def _error(self, status: int, body: bytes, headers: Mapping[str, str]) -> GatewayError:
+        """The error for an upstream's non-200 answer; OpenAI's error bodies pass through as they are."""
+        return UpstreamError(status, body, passed_back(headers))
+
+    async def _json(self, head: bytes, body: dict[str, Any], call: CallInfo, timeouts: Timeouts) -> dict[str, Any]:
+        """One JSON request and the JSON object it is answered with."""
+        first, total = deadlines(timeouts)
+        try:
+            response = await self._post(head, body, call, timeouts, first)
+            try:
+                data = await within(total, response.read())
+            finally:
+                response.release()  # back to the pool when fully read, else the connection is closed
+            if response.status != 200:
+                raise self._error(response.status, data, response.headers)
+        except GatewayError:
+            raise
+        except Exception as exc:
+            raise transport_error(exc, self.name) from exc
+        return self._object(data, "response")
+
+    def _object(self, data: bytes, what: str) -> dict[str, Any]:
+        """A JSON object the upstream sent; BadGatewayError for anything else."""
+        try:
+            obj = orjson.loads(data)
+        except orjson.JSONDecodeError as exc:
+            raise BadGatewayError(f"Provider {self.name} sent an invalid {what}: {exc}") from None
+        if type(obj) is not dict:
+            raise BadGatewayError(f"Provider {self.name} sent an invalid {what}: not a JSON object")
+        return obj
+
+    async def _events(
+        self, head: bytes, body: Callable[[], dict[str, Any]], call: CallInfo, timeouts: Timeouts, step: Step
+    ) -> AsyncIterator[Chunks]:
+        """A streamed request's chunks in batches, one per network read that completed events, never
+        empty. `body` is built here, so a request that cannot be translated fails from the iterator,
+        like every other error of the stream."""
+        payload = body()
+        first, total = deadlines(timeouts)
+        try:
+            # Each timeout wraps one await and never a `yield`: a timeout spanning a yield would fire
+            # in whatever the consumer is doing meanwhile.
+            response = await self._post(head, payload, call, timeouts, first)
+            try:
+                if response.status != 200:
+                    error = await within(total, response.read())
+                    raise self._error(response.status, error, response.headers)
+                batches = sse_batches(response.blocks())
+                limit = first
+                while True:
+                    if limit is None:  # no deployment timeout: the service's own deadline still applies
+                        batch = await anext(batches, None)
+                    else:
+                        async with limit:
+                            batch = await anext(batches, None)
+                    if batch is None:
+                        raise BadGatewayError(f"Provider {self.name} ended the stream before its last event.")
+                    chunks: Chunks = []
+                    for data in batch:
+                        try:
+                            last = step(data, chunks)
+                        except GatewayError:
+                            if chunks:  # what arrived before the bad event still reaches the client
+                                yield chunks
+                            raise
+                        if last:
+                            response.release()  # the body is done: the connection goes back to the pool
+                            if chunks:
+                                yield chunks
+                            return
+                    if chunks:  # a read of only keep-alive events yields nothing
+                        limit = total
+                        yield chunks
+            finally:
+                response.close()  # no-op after release(); otherwise the upstream sees the connection close
+        except GatewayError:
+            raise
+        except Exception as exc:
+            raise transport_error(exc, self.name) from exc
 
     async def close(self) -> None:
         if self._pool is not None:
@@ -107,3 +199,38 @@ def transport_error(exc: BaseException, provider: str) -> GatewayError:
     if isinstance(exc, http1.HTTPClientError):
         return BadGatewayError(f"Provider {provider} failed: {exc}")
     return BadGatewayError(f"Provider {provider} failed: {type(exc).__name__}")
+
+
+async def sse_batches(blocks: AsyncIterator[bytes]) -> AsyncIterator[list[bytes]]:
+    """The `data` of Server-Sent Events in a byte stream read in blocks of any size: one list per
+    block, of the events that block completed (blocks that complete none yield nothing).
+
+    Events end at a blank line; an event's several `data:` lines join with newlines; comments (`:`) and
+    other fields (event, id, retry) are skipped. One await per network read, not one per line or event:
+    the events that arrived together are split here, in memory.
+    """
+    buffer = b""
+    async for block in blocks:
+        buffer = buffer + block if buffer else block
+        if b"\r" in buffer:
+            buffer = buffer.replace(b"\r\n", b"\n")  # a lone trailing \r waits for its \n
+        *events, buffer = buffer.split(b"\n\n")
+        batch = [data for event in events if (data := _event_data(event)) is not None]
+        if batch:
+            yield batch
+    data = _event_data(buffer)  # a last event without its blank line
+    if data is not None:
+        yield [data]
+
+
+def _event_data(event: bytes) -> bytes | None:
+    if event.startswith(b"data: ") and b"\n" not in event:  # what every provider sends: one data line
+        return event[6:]
+    if event.startswith(b"event: "):  # what Anthropic sends: a name line, then one data line
+        at = event.find(b"\ndata: ")
+        if at > 0 and event.find(b"\n", at + 1) < 0:
+            return event[at + 7 :]
+    lines = [line[5:].removeprefix(b" ") for line in event.split(b"\n") if line.startswith(b"data:")]
+    if not lines:
+        return None
+    return lines[0] if len(lines) == 1 else b"\n".join(lines)

@@ -11,8 +11,6 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-import orjson
-
 from gateway.call import CallInfo
 from gateway.config import ProviderConfig, Timeouts
 from gateway.errors import BadGatewayError, UpstreamError
@@ -98,12 +96,7 @@ class OpenAICompatibleProvider(HTTPProvider):
         return False
 
     def _chunk(self, data: bytes) -> chat_pb2.ChatCompletionChunk:
-        try:
-            obj = orjson.loads(data)
-        except orjson.JSONDecodeError as exc:
-            raise BadGatewayError(f"Provider {self.name} sent an invalid stream event: {exc}") from None
-        if type(obj) is not dict:
-            raise BadGatewayError(f"Provider {self.name} sent a stream event that is not an object.")
+        obj = self._object(data, "stream event")
         if "error" in obj and "choices" not in obj:
             # An error after the stream started: providers report it as an event of its own.
             error = obj["error"] if isinstance(obj["error"], dict) else {}

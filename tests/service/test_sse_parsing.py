@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from service.providers.openai_compat import sse_batches
+from service.providers.http_provider import sse_batches
 
 STREAM = (
     b": keep-alive comment\n\n"
