@@ -83,18 +83,13 @@ def validate(request: chat_pb2.CreateEmbeddingRequest) -> None:
     if form == "input_text":
         if not request.input_text:
             raise InvalidRequestError("'input' must not be an empty string.", param="input")
-        return
-    items: Any = {
-        "input_texts": request.input_texts.values,
-        "input_tokens": (request.input_tokens.ids,),
-        "input_token_lists": [ids.ids for ids in request.input_token_lists.lists],
-    }[form]
-    if form != "input_tokens" and len(items) > MAX_INPUTS:
-        raise InvalidRequestError(f"'input' must have at most {MAX_INPUTS} items, got {len(items)}.", param="input")
-    for i, item in enumerate(items):
-        if not item:
-            where = "input" if form == "input_tokens" else f"input[{i}]"
-            raise InvalidRequestError(f"'{where}' must not be empty.", param=where)
+    elif form != "input_tokens":  # a list of token ids is one input, and non-empty: an empty list is kept raw
+        items: Any = request.input_texts.values if form == "input_texts" else request.input_token_lists.lists
+        if len(items) > MAX_INPUTS:
+            raise InvalidRequestError(f"'input' must have at most {MAX_INPUTS} items, got {len(items)}.", param="input")
+        for i, item in enumerate(items):
+            if not (item if form == "input_texts" else item.ids):
+                raise InvalidRequestError(f"'input[{i}]' must not be empty.", param=f"input[{i}]")
     if request.HasField("encoding_format") and request.encoding_format not in ENCODING_FORMATS:
         raise InvalidRequestError(
             f"Invalid 'encoding_format': {request.encoding_format!r}; it must be 'float' or 'base64'.",

@@ -13,6 +13,8 @@ gateway closes a connection it was still answering.
 from __future__ import annotations
 
 import asyncio
+import base64
+import struct
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -109,6 +111,26 @@ def chunks(
             }
         )
     return out
+
+
+def embeddings(
+    vectors: list[list[float]], encoding_format: str = "float", model: str = "upstream-embedding", usage: bool = True
+) -> dict[str, Any]:
+    """OpenAI's embeddings response; base64 is each vector as little-endian float32, as OpenAI sends it."""
+    data = [
+        {
+            "object": "embedding",
+            "index": i,
+            "embedding": base64.b64encode(struct.pack(f"<{len(v)}f", *v)).decode()
+            if encoding_format == "base64"
+            else v,
+        }
+        for i, v in enumerate(vectors)
+    ]
+    body: dict[str, Any] = {"object": "list", "data": data, "model": model}
+    if usage:
+        body["usage"] = {"prompt_tokens": 5, "total_tokens": 5}
+    return body
 
 
 @dataclass
@@ -241,6 +263,17 @@ class FakeUpstream:
         async def handle(request: web.Request) -> web.StreamResponse:
             wants_stream = orjson.loads(await request.read()).get("stream") is True
             return await (streamed if wants_stream else unary)(request)
+
+        self.handler = handle
+
+    def embed(self, vectors: list[list[float]], usage: bool = True) -> None:
+        """Embeddings of `vectors` for every request, as floats or base64 as the request's encoding_format says."""
+
+        async def handle(request: web.Request) -> web.StreamResponse:
+            encoding = orjson.loads(await request.read()).get("encoding_format") or "float"
+            return web.Response(
+                body=orjson.dumps(embeddings(vectors, encoding, usage=usage)), content_type="application/json"
+            )
 
         self.handler = handle
 
