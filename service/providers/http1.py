@@ -9,10 +9,21 @@ response is parsed in C as it arrives.
 What it does: HTTP and HTTPS (the system's CA store; `SSL_CERT_FILE` is honoured), keep-alive reuse
 (LIFO, idle connections dropped after `keepalive` seconds or when the server closes them), a cap on
 open connections per origin, Content-Length, chunked and close-delimited bodies, a connect timeout,
-a read timeout on upstream silence (between any two reads, as aiohttp's `sock_read`), and a 64 KiB
-cap on a response head. What it does
-not: proxies, redirects, compression (no Accept-Encoding is sent, so bodies come as they are),
-pipelining, HTTP/2.
+a read timeout on upstream silence (between any two reads, as aiohttp's `sock_read`), a 64 KiB
+cap on a response head, one immediate retry on a new connection when a reused one was closed before
+any byte of an answer (see Pool), and egress through an http:// proxy (proxy.py decides which):
+HTTPS through a CONNECT tunnel with TLS verified for the upstream's name, plain HTTP in absolute
+form, `Proxy-Authorization: Basic` from the proxy URL. What it does not: https:// or SOCKS proxies,
+redirects, compression (no Accept-Encoding is sent, so bodies come as they are), pipelining, HTTP/2.
+
+Why proxies are spoken here rather than by httpx behind a transport interface: measured on this
+machine (uvloop, 8 concurrent, loopback nginx behind tinyproxy), CPU per request through the proxy
+is 34-36 µs for this client over a kept-alive CONNECT tunnel and 85-110 µs in forward mode (tinyproxy
+closes each connection), against 990-1110 µs for httpx 0.28 (830 µs direct, against 11-19 µs here).
+CONNECT, absolute-form targets and the auth header cost about 90 lines here; an httpx backend would
+cost as many for its adapter (response, timeouts, errors) and would need this client's keep-alive
+retry, head cap and read timeout again, and the proxy resolution (per-provider key, NO_PROXY once
+at start-up) is needed either way. One client also means one set of tests and failure semantics.
 """
 
 from __future__ import annotations
@@ -20,10 +31,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from urllib.parse import urlsplit
 
 import httptools
+
+from .proxy import Proxy
 
 # A slow reader of a fast stream: stop reading the socket past this many buffered bytes.
 _HIGH_WATER = 256 * 1024
@@ -54,6 +67,10 @@ class Disconnected(HTTPClientError):
 
 class ProtocolError(HTTPClientError):
     """The upstream's bytes are not valid HTTP/1.1."""
+
+
+class ProxyError(HTTPClientError):
+    """The egress proxy refused the request or the CONNECT tunnel, or broke it."""
 
 
 class Response:
@@ -112,6 +129,7 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.closed = False
+        self.reused = False  # it carried an exchange before: the upstream may close it as we reuse it
         self.idle_since = 0.0
         self._reset()
 
@@ -179,6 +197,7 @@ class _Connection(asyncio.Protocol):
             self.timer.cancel()
         if self.complete and self.keep_alive and not self.closed and not self.buffered:
             self._reset()
+            self.reused = True
             self.pool.put_back(self)
         else:
             self.close()
@@ -287,8 +306,45 @@ class _Connection(asyncio.Protocol):
         self._wake()
 
 
+class _Tunnel(asyncio.Protocol):
+    """The proxy's answer to CONNECT: its status line, once its head is complete."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, proxy: Proxy) -> None:
+        self.established: asyncio.Future[tuple[int, str]] = loop.create_future()
+        self.proxy = proxy
+        self.head = b""
+
+    def data_received(self, data: bytes) -> None:
+        if self.established.done():
+            return
+        self.head += data
+        if b"\r\n\r\n" not in self.head:
+            if len(self.head) > MAX_HEAD_BYTES:
+                self.established.set_exception(
+                    ProxyError(f"proxy {self.proxy} sent an answer to CONNECT that is too large")
+                )
+            return
+        line = self.head.split(b"\r\n", 1)[0].decode("latin-1")
+        version, _, rest = line.partition(" ")
+        code, _, reason = rest.partition(" ")
+        if not version.startswith("HTTP/") or not code.isdigit():
+            self.established.set_exception(ProxyError(f"proxy {self.proxy} answered CONNECT with {line[:80]!r}"))
+        else:
+            self.established.set_result((int(code), "".join(c for c in reason[:80] if c.isprintable())))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.established.done():
+            self.established.set_exception(ProxyError(f"proxy {self.proxy} closed the connection during CONNECT"))
+
+
 class Pool:
-    """Keep-alive connections to one origin (scheme, host, port)."""
+    """Keep-alive connections to one origin (scheme, host, port), directly or through an HTTP proxy.
+
+    `retry_reused`: a request that fails on a kept-alive connection before any byte of an answer
+    arrived (the upstream closed the idle connection just as it was reused: EOF, reset, broken pipe)
+    is sent again at once, once, on a new connection, as Go's net/http does. A chat request may be
+    replayed: the upstream saw at most a request it never answered. `on_retry` is called per retry.
+    """
 
     def __init__(
         self,
@@ -297,6 +353,9 @@ class Pool:
         connect_timeout: float | None = None,
         read_timeout: float | None = None,
         keepalive: float = 60.0,
+        proxy: Proxy | None = None,
+        retry_reused: bool = True,
+        on_retry: Callable[[], None] | None = None,
     ) -> None:
         self.host, self.port, tls, self.authority, _ = _parse(url)
         self.ssl: ssl.SSLContext | None = ssl.create_default_context() if tls else None
@@ -304,6 +363,11 @@ class Pool:
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
         self.keepalive = keepalive
+        self.proxy = proxy
+        # Plain HTTP through a proxy: requests go to the proxy in absolute form (see render_head).
+        self._forward = proxy is not None and not tls
+        self.retry_reused = retry_reused
+        self.on_retry = on_retry
         self.loop = asyncio.get_running_loop()
         self._idle: list[_Connection] = []
         self._open: set[_Connection] = set()
@@ -314,21 +378,38 @@ class Pool:
     async def request(self, data: bytes, connect_timeout: float | None = None) -> Response:
         """Send one request (head and body, already rendered); return once the response head is in.
         Cancelling it closes the connection."""
-        connection = await self._acquire(connect_timeout or self.connect_timeout)
+        timeout = connect_timeout or self.connect_timeout
+        connection = await self._acquire(timeout)
         try:
             await connection.send(data)
+        except Disconnected:
+            connection.close()
+            if not (self.retry_reused and connection.reused and not connection.status and not connection.head_bytes):
+                raise
+            if self.on_retry is not None:
+                self.on_retry()
+            connection = await self._acquire(timeout, fresh=True)
+            try:
+                await connection.send(data)
+            except BaseException:
+                connection.close()
+                raise
         except BaseException:
             connection.close()
             raise
+        if self._forward and connection.status == 407:  # one attribute test on a direct pool
+            connection.close()
+            raise ProxyError(f"proxy {self.proxy} refused the request: 407 Proxy Authentication Required")
         return connection.response()
 
     # ---------------------------------------------------------------- connections
 
-    async def _acquire(self, connect_timeout: float | None) -> _Connection:
+    async def _acquire(self, connect_timeout: float | None, fresh: bool = False) -> _Connection:
+        """An idle connection (unless `fresh`), else a new one; at the cap, the next one freed."""
         if self._closed:
             raise ConnectError("the client is closed")
         now = self.loop.time()
-        while self._idle:
+        while self._idle and not fresh:
             connection = self._idle.pop()
             if connection.usable() and now - connection.idle_since < self.keepalive:
                 return connection
@@ -336,7 +417,10 @@ class Pool:
         if len(self._open) + self._handed >= self.max_connections:
             connection_or_slot = await self._wait_turn()
             if connection_or_slot is not None:
-                return connection_or_slot
+                if connection_or_slot.usable():
+                    return connection_or_slot
+                connection_or_slot.close()  # it closed while handed over: its slot went on; queue again
+                return await self._acquire(connect_timeout, fresh)
             self._handed -= 1  # the slot is ours: _connect holds it from here
         return await self._connect(connect_timeout)
 
@@ -362,25 +446,62 @@ class Pool:
     async def _connect(self, connect_timeout: float | None) -> _Connection:
         connection = _Connection(self)
         self._open.add(connection)  # holds the slot while connecting
+        proxy = self.proxy
         try:
             async with asyncio.timeout(connect_timeout):
-                await self.loop.create_connection(
-                    lambda: connection,
-                    self.host,
-                    self.port,
-                    ssl=self.ssl,
-                    server_hostname=self.host if self.ssl else None,
-                )
+                if proxy is None:
+                    await self.loop.create_connection(
+                        lambda: connection,
+                        self.host,
+                        self.port,
+                        ssl=self.ssl,
+                        server_hostname=self.host if self.ssl else None,
+                    )
+                elif self.ssl is None:
+                    await self._connect_proxy(lambda: connection)
+                else:
+                    await self._tunnel(connection, proxy)
         except TimeoutError:
             self.forget(connection)
-            raise ConnectTimeout(f"connecting to {self.authority} took over {connect_timeout:g}s") from None
+            via = f" through proxy {proxy}" if proxy else ""
+            raise ConnectTimeout(f"connecting to {self.authority}{via} took over {connect_timeout:g}s") from None
         except OSError as exc:
             self.forget(connection)
-            raise ConnectError(f"cannot connect to {self.authority}: {exc.strerror or exc}") from None
+            via = f" through proxy {proxy}" if proxy else ""
+            raise ConnectError(f"cannot connect to {self.authority}{via}: {exc.strerror or exc}") from None
         except BaseException:
             self.forget(connection)
             raise
         return connection
+
+    async def _connect_proxy(self, protocol: Callable[[], asyncio.Protocol]) -> asyncio.BaseTransport:
+        assert self.proxy is not None
+        try:
+            transport, _ = await self.loop.create_connection(protocol, self.proxy.host, self.proxy.port)
+        except OSError as exc:
+            raise ConnectError(f"cannot connect to proxy {self.proxy}: {exc.strerror or exc}") from None
+        return transport
+
+    async def _tunnel(self, connection: _Connection, proxy: Proxy) -> None:
+        """HTTPS through a proxy: CONNECT, then TLS to the upstream inside the tunnel (SNI and
+        certificate checks for the upstream's name, as on a direct connection)."""
+        tunnel = _Tunnel(self.loop, proxy)
+        transport = await self._connect_proxy(lambda: tunnel)
+        try:
+            target = f"{_bracketed(self.host)}:{self.port}"
+            auth = f"proxy-authorization: {proxy.authorization}\r\n" if proxy.authorization else ""
+            transport.write(f"CONNECT {target} HTTP/1.1\r\nhost: {target}\r\n{auth}\r\n".encode("latin-1"))  # type: ignore[attr-defined]
+            status, reason = await tunnel.established
+            if not 200 <= status < 300:
+                raise ProxyError(f"proxy {proxy} refused CONNECT to {target}: {status} {reason}".rstrip())
+            assert self.ssl is not None
+            tls = await self.loop.start_tls(transport, connection, self.ssl, server_hostname=self.host)  # type: ignore[arg-type]
+        except BaseException:
+            transport.close()
+            raise
+        if tls is None:  # the transport closed meanwhile
+            raise ProxyError(f"proxy {proxy} closed the tunnel to {target}")
+        connection.connection_made(tls)
 
     def put_back(self, connection: _Connection) -> None:
         while self._waiters:
@@ -427,17 +548,27 @@ def _parse(url: str) -> tuple[str, int, bool, str, str]:
     tls = parts.scheme == "https"
     default = 443 if tls else 80
     port = parts.port or default
-    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    host = _bracketed(parts.hostname)
     authority = host if port == default else f"{host}:{port}"
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     return parts.hostname, port, tls, authority, target
 
 
-def render_head(method: str, url: str, headers: dict[str, str]) -> bytes:
+def _bracketed(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def render_head(method: str, url: str, headers: dict[str, str], proxy: Proxy | None = None) -> bytes:
     """The head of a request to `url`, without its Content-Length and final blank line; built once
-    per provider. Header values that could end the head early (CR, LF) are refused."""
-    _, _, _, authority, target = _parse(url)
-    lines = [f"{method} {target} HTTP/1.1", f"host: {authority}"]
+    per provider. Header values that could end the head early (CR, LF) are refused. Plain HTTP
+    through `proxy` has an absolute-form target and carries the proxy's credentials; HTTPS goes
+    through a tunnel, and the proxy's credentials only in its CONNECT (see Pool._tunnel)."""
+    _, _, tls, authority, target = _parse(url)
+    forward = proxy is not None and not tls
+    lines = [f"{method} http://{authority}{target} HTTP/1.1" if forward else f"{method} {target} HTTP/1.1"]
+    lines.append(f"host: {authority}")
+    if forward and proxy is not None and proxy.authorization:
+        lines.append(f"proxy-authorization: {proxy.authorization}")
     for name, value in headers.items():
         if not safe_header(name, value):
             raise ValueError(f"header {name!r} holds a line break")

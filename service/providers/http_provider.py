@@ -7,11 +7,13 @@ to the gateway's errors. A provider adds its URL, its heads and its translation.
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 import orjson
 
+from gateway import logs, metrics
 from gateway.call import CallInfo
 from gateway.config import ProviderConfig, Timeouts
 from gateway.errors import (
@@ -24,7 +26,7 @@ from gateway.errors import (
 from llm_gateway.v1 import chat_pb2
 
 from ..deadline import Deadline
-from . import http1
+from . import http1, proxy
 
 # Client metadata that may travel upstream; never `authorization`, which is the gateway's own.
 _FORWARDED_METADATA = ("traceparent", "tracestate")
@@ -44,6 +46,15 @@ class HTTPProvider:
         self.url = url
         self._config = config
         self._pool: http1.Pool | None = None
+        # Once per provider: its `proxy:` key, else HTTPS_PROXY/HTTP_PROXY/NO_PROXY as they are at start-up.
+        self.proxy = proxy.resolve(config.proxy, url, os.environ, f"providers.{config.name}")
+        for secret in self.proxy.secrets if self.proxy else ():
+            logs.add_secret(secret)
+        self._retried = metrics.UPSTREAM_CONNECTION_RETRIES.labels(provider=config.name).inc
+
+    def render_head(self, method: str, url: str, headers: dict[str, str]) -> bytes:
+        """A request head for this provider's pool (through its proxy, if it has one)."""
+        return http1.render_head(method, url, headers, self.proxy)
 
     def _client(self) -> http1.Pool:
         if self._pool is None:
@@ -53,6 +64,8 @@ class HTTPProvider:
                 max_connections=config.max_connections,
                 connect_timeout=config.connect_timeout,
                 read_timeout=config.read_timeout,
+                proxy=self.proxy,
+                on_retry=self._retried,
             )
         return self._pool
 

@@ -6,16 +6,22 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+import threading
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import orjson
 import pytest
 import trustme
 
 from service.providers import http1
+from tests.fakes.upstream import completion
 
 Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 OK = b'HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 11\r\n\r\n{"ok":true}'
+_BODY = orjson.dumps(completion())
+# A chat completion, for a gateway process in front of these servers.
+COMPLETION = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (len(_BODY), _BODY)
 
 
 class Server:
@@ -54,6 +60,33 @@ class Server:
 
     def url(self, scheme: str = "http", host: str = "127.0.0.1") -> str:
         return f"{scheme}://{host}:{self.port}/v1/chat/completions"
+
+
+class ThreadedServer:
+    """A Server on an event loop in a thread of its own, for a gateway process to call."""
+
+    def __init__(self, script: Script, tls: ssl.SSLContext | None = None) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.server = Server(script, tls)
+        self.port = 0
+
+    def __enter__(self) -> ThreadedServer:
+        self.thread.start()
+        asyncio.run_coroutine_threadsafe(self.server.__aenter__(), self.loop).result(10)
+        self.port = self.server.port
+        return self
+
+    async def _stop(self) -> None:
+        await self.server.__aexit__()
+        for task in asyncio.all_tasks():  # connections still open: their scripts end here
+            if task is not asyncio.current_task():
+                task.cancel()
+
+    def __exit__(self, *exc: object) -> None:
+        asyncio.run_coroutine_threadsafe(self._stop(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
 
 
 async def read_request(reader: asyncio.StreamReader) -> bytes:
