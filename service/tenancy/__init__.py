@@ -191,7 +191,15 @@ class Tenancy:
         verdict = await self.state.admit(charges, scopes.pools, lease)
         if not verdict.ok:
             pair.limited[verdict.failed].inc()
-            raise rejection(verdict, scopes, [cost for _, cost in charges])
+            error = rejection(verdict, scopes, [cost for _, cost in charges])
+            log.debug(
+                "rate limited",
+                key=pair.use.name,
+                scope=error.quota_subject,
+                kind=error.type,
+                retry_ms=round(verdict.retry_ms),
+            )
+            raise error
         if verdict.levels:
             call.response_metadata.update(headers(verdict.levels, len(scopes.requests)))
         assert verdict.state is not None

@@ -14,6 +14,9 @@ from collections.abc import Mapping
 from gateway.call import CallInfo
 from gateway.config import ApiKeyConfig
 from gateway.errors import InvalidApiKeyError, ModelNotFoundError
+from gateway.logs import get_logger
+
+log = get_logger("tenancy")
 
 _BEARER = "bearer "
 
@@ -57,9 +60,11 @@ class KeyRing:
         """The key the call presents; raises the 401 InvalidApiKeyError when it has none or a wrong one."""
         secret = presented_key(call)
         if not secret:
+            log.debug("no api key presented", request_id=call.get("x-request-id"))
             raise InvalidApiKeyError(_MISSING)
         sent = digest(secret)
         key = self._by_digest.get(sent)
         if key is None or not hmac.compare_digest(key.sha256, sent):
+            log.debug("unknown api key presented", request_id=call.get("x-request-id"), length=len(secret))
             raise InvalidApiKeyError(_INCORRECT)
         return key
