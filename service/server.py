@@ -9,9 +9,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from llm_gateway.v1 import chat_pb2, chat_pb2_grpc
+from llm_gateway.v1 import chat_pb2
 
 from .chat import ChatCore
+from .grpc_handlers import add_to_server
 from .grpc_servicer import ChatServicer
 
 SERVICE_NAME = chat_pb2.DESCRIPTOR.services_by_name["ChatService"].full_name
@@ -55,7 +56,8 @@ async def start_grpc_server(core: ChatCore, address: str) -> ServiceServer:
     # grpc enables SO_REUSEPORT on Linux, so several worker processes can bind one port.
     server = grpc.aio.server(options=[("grpc.so_reuseport", 1)])
     servicer = ChatServicer(core)
-    chat_pb2_grpc.add_ChatServiceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
+    # Not the generated add_ChatServiceServicer_to_server: undecodable bytes must be INVALID_ARGUMENT.
+    add_to_server(servicer, chat_pb2.DESCRIPTOR.services_by_name["ChatService"], server)
     health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
