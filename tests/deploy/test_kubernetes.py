@@ -27,6 +27,7 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 from kubernetes_validate.utils import all_versions  # type: ignore[import-untyped]
+from packaging.version import Version
 
 from gateway.config import Config, parse
 from tests.harness import ROOT, GatewayProcess, free_port
@@ -149,17 +150,13 @@ class Rendered:
 
 
 @functools.cache
-def _render(target: Path) -> Rendered:
+def render(target: Path) -> Rendered:
     result = subprocess.run(
         [kubectl(), "kustomize", str(target)], capture_output=True, text=True, timeout=120, check=False
     )
     assert result.returncode == 0, f"kubectl kustomize {target} failed:\n{result.stderr}"
     docs = tuple(d for d in yaml.safe_load_all(result.stdout) if d)
     return Rendered(result.stdout, docs)
-
-
-def render(target: Path) -> Rendered:
-    return _render(target)
 
 
 def secret_vars(rendered: Rendered) -> list[str]:
@@ -203,7 +200,7 @@ def dockerfile_runtime() -> Stage:
 def test_renders_and_passes_strict_validation(target: Path) -> None:
     rendered = render(target)
     versions = current_versions()
-    assert versions[-1] >= "1.33", f"kubernetes-validate ships schemas only up to {versions[-1]}: upgrade it"
+    assert Version(versions[-1]) >= Version("1.33"), f"schemas only up to {versions[-1]}: upgrade kubernetes-validate"
     for version in versions:
         result = validate(rendered.text, version)
         output = result.stdout + result.stderr
@@ -267,15 +264,20 @@ def test_runs_the_dockerfiles_image_as_its_non_root_user_on_a_read_only_root(tar
 def test_writable_paths_are_volumes(target: Path) -> None:
     rendered = render(target)
     config = rendered.config()
-    mount, volume = rendered.mount("/tmp")
-    assert "emptyDir" in volume and not mount.get("readOnly")
     mounts = {m["mountPath"]: m for m in rendered.container["volumeMounts"]}
+
+    def writable(path: str) -> bool:
+        return any(Path(path).is_relative_to(m) and not mounts[m].get("readOnly") for m in mounts)
+
+    # tempfile's directory; with workers > 1 the CLI makes PROMETHEUS_MULTIPROC_DIR there unless it is set.
+    env = rendered.environ()
+    assert writable(env.get("TMPDIR", "/tmp")), "temporary files need a writable volume"
+    assert writable(env.get("PROMETHEUS_MULTIPROC_DIR", "/tmp")), "the metrics' multiprocess files need one"
     database = config.usage.database
     if database.startswith("sqlite:"):
-        ledger = Path(database.removeprefix("sqlite:///"))
-        assert ledger.is_absolute(), f"the ledger {database} would be written under the image's read-only /app"
-        holders = [path for path in mounts if ledger.is_relative_to(path) and not mounts[path].get("readOnly")]
-        assert holders, f"no writable volume holds the SQLite ledger {ledger}"
+        ledger = database.removeprefix("sqlite:///")
+        assert ledger.startswith("/"), f"the ledger {database} would be written under the image's read-only /app"
+        assert writable(ledger), f"no writable volume holds the SQLite ledger {ledger}"
 
 
 # ---------------------------------------------------------------------------------------------- config and ports
