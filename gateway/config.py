@@ -294,7 +294,7 @@ def parse(data: Any, environ: Mapping[str, str], source: str = "<built-in defaul
     level = str(logging_section.get("level", "INFO")).upper()
     if level not in LOG_LEVELS:
         raise ConfigError(f"logging.level: {level!r} is not one of {', '.join(LOG_LEVELS[:-1])}")
-    providers = {name: _provider(name, spec) for name, spec in _section(data, "providers").items()}
+    providers = {name: _provider(name, spec, environ) for name, spec in _section(data, "providers").items()}
     providers.setdefault(DUMMY, ProviderConfig(name=DUMMY, type=DUMMY))
     models = {str(name): _route(str(name), spec, providers) for name, spec in _section(data, "models").items()}
     models.setdefault(DUMMY, ModelRoute(name=DUMMY, deployments=(Deployment(DUMMY, DUMMY, DUMMY),)))
@@ -367,7 +367,7 @@ def _server(spec: dict[str, Any]) -> ServerConfig:
     )
 
 
-def _provider(name: str, spec: Any) -> ProviderConfig:
+def _provider(name: str, spec: Any, environ: Mapping[str, str] = os.environ) -> ProviderConfig:
     where = f"providers.{name}"
     if spec is None:
         spec = {}
@@ -423,25 +423,20 @@ def _provider(name: str, spec: Any) -> ProviderConfig:
         latency_ms=_number(spec.get("latency_ms", 0), f"{where}.latency_ms", minimum=0),
         headers={str(k): str(v) for k, v in headers.items()},
         azure_style=style,
-        proxy=_proxy(spec.get("proxy"), f"{where}.proxy"),
+        proxy=_proxy(spec.get("proxy"), api_url if kind != DUMMY else "", environ, where),
         **texts,
     )
 
 
-def _proxy(value: Any, where: str) -> str | None:
-    """A provider's proxy URL, checked without ever showing its credentials."""
-    if value is None or value == "":
-        return value  # type: ignore[no-any-return]
-    url = str(value) if "://" in str(value) else f"http://{value}"
-    parts = urlsplit(url)
-    shown = f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}"
-    try:
-        parts.port  # noqa: B018 - raises on a malformed port
-    except ValueError:
-        parts = parts._replace(scheme="")
-    if parts.scheme != "http" or not parts.hostname or parts.path not in ("", "/") or parts.query:
-        raise ConfigError(f"{where}: {shown!r} is not an http://[user:password@]host:port URL")
-    return url
+def _proxy(value: Any, api_url: str, environ: Mapping[str, str], where: str) -> str | None:
+    """The `proxy:` key (None: the environment decides). A bad key, or a bad proxy variable that
+    would apply to this provider, is refused here, naming it (never its credentials)."""
+    from . import proxy  # not at the top: gateway.proxy reads ConfigError from this module
+
+    configured = None if value is None else str(value)
+    if api_url:
+        proxy.resolve(configured, api_url, environ, where)
+    return configured
 
 
 def _route(name: str, spec: Any, providers: Mapping[str, ProviderConfig]) -> ModelRoute:

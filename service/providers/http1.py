@@ -36,7 +36,7 @@ from urllib.parse import urlsplit
 
 import httptools
 
-from .proxy import Proxy
+from gateway.proxy import Proxy
 
 # A slow reader of a fast stream: stop reading the socket past this many buffered bytes.
 _HIGH_WATER = 256 * 1024

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 import orjson
 
-from gateway import logs, metrics
+from gateway import logs, metrics, proxy
 from gateway.call import CallInfo
 from gateway.config import ProviderConfig, Timeouts
 from gateway.errors import (
@@ -26,7 +26,7 @@ from gateway.errors import (
 from llm_gateway.v1 import chat_pb2
 
 from ..deadline import Deadline
-from . import http1, proxy
+from . import http1
 
 # Client metadata that may travel upstream; never `authorization`, which is the gateway's own.
 _FORWARDED_METADATA = ("traceparent", "tracestate")

@@ -21,9 +21,11 @@ from typing import Any
 import httpx
 import pytest
 import trustme
+import yaml
 
+from gateway import proxy
 from gateway.config import ConfigError
-from service.providers import http1, proxy
+from service.providers import http1
 from tests.fakes.upstream import FakeUpstream
 from tests.harness import free_port, run_cli
 from tests.service.test_http1 import COMPLETION, OK, Server, ThreadedServer, _tls, answering, read_request
@@ -295,7 +297,7 @@ def test_the_provider_key_overrides_the_environment() -> None:
     ],
 )
 def test_a_bad_proxy_url_names_the_variable_and_never_the_password(value: str, message: str) -> None:
-    with pytest.raises(ConfigError, match=f"HTTPS_PROXY: .*{message}") as error:
+    with pytest.raises(ConfigError, match=f"HTTPS_PROXY \\(for providers.x\\): .*{message}") as error:
         proxy.resolve(None, "https://api.openai.com/v1", {"HTTPS_PROXY": value}, "providers.x")
     assert "pw-secret" not in str(error.value)
 
@@ -414,12 +416,20 @@ def test_a_dead_or_refusing_proxy_is_a_clean_503_or_502_naming_it(
         assert PASSWORD not in process.log_text()
 
 
-def test_a_bad_proxy_key_is_a_config_error_without_the_password(tmp_path: Path) -> None:
-    import yaml
-
+def test_a_bad_proxy_key_or_variable_is_a_config_error_without_the_password(tmp_path: Path) -> None:
     path = tmp_path / "config.yml"
     path.write_text(yaml.safe_dump(_config("https://api.openai.com/v1", proxy=f"socks5://{USER}:{PASSWORD}@p:1080")))
     result = run_cli(["--config", str(path), "--check-config"])
     assert result.returncode == 2
-    assert "providers.up.proxy: 'socks5://p:1080'" in result.stderr
+    assert "providers.up.proxy: 'socks5://p:1080': only http:// proxies are supported" in result.stderr
     assert PASSWORD not in result.stderr + result.stdout
+
+    path.write_text(yaml.safe_dump(_config("https://api.openai.com/v1")))
+    bad = {"HTTPS_PROXY": f"http://{USER}:{PASSWORD}@p:port", "NO_PROXY": ""}
+    for args in (["--check-config"], []):  # the same refusal at start-up, before any worker runs
+        result = run_cli(["--config", str(path), *args], env=bad)
+        assert result.returncode == 2, result.stderr
+        assert "HTTPS_PROXY (for providers.up): 'http://p:port' has a malformed port" in result.stderr
+        assert PASSWORD not in result.stderr + result.stdout and "Traceback" not in result.stderr
+    # An upstream NO_PROXY sends direct does not care what the variable holds.
+    assert run_cli(["--config", str(path), "--check-config"], env={**bad, "NO_PROXY": "openai.com"}).returncode == 0

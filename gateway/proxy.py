@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import unquote, urlsplit
 
-from gateway.config import ConfigError
+from .config import ConfigError
 
 
 @dataclass(frozen=True)
@@ -94,7 +94,7 @@ def bypassed(host: str, port: int, no_proxy: str) -> bool:
     return False
 
 
-def from_environment(url: str, environ: Mapping[str, str]) -> Proxy | None:
+def from_environment(url: str, environ: Mapping[str, str], where: str = "") -> Proxy | None:
     """The proxy the environment names for `url`, or None (none named, or NO_PROXY matches)."""
     parts = urlsplit(url)
     scheme = parts.scheme
@@ -108,11 +108,11 @@ def from_environment(url: str, environ: Mapping[str, str]) -> Proxy | None:
     assert parts.hostname is not None
     if no_proxy and bypassed(parts.hostname, parts.port or (443 if scheme == "https" else 80), no_proxy):
         return None
-    return parse(value, name)
+    return parse(value, f"{name} (for {where})" if where else name)
 
 
 def resolve(configured: str | None, url: str, environ: Mapping[str, str], where: str) -> Proxy | None:
     """The proxy for a provider's `url`: its `proxy:` key when set ("" is direct), else the environment's."""
     if configured is None:
-        return from_environment(url, environ)
+        return from_environment(url, environ, where)
     return parse(configured, f"{where}.proxy") if configured else None
