@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 
 from . import report
-from .run import PATHS, Bench, Options
+from .run import PATHS, PEERS, Bench, Options
 from .upstream import MissingTool, require
 
 HERE = Path(__file__).resolve().parent
@@ -29,7 +29,11 @@ def options(argv: list[str] | None) -> Options:
     parser.add_argument("--workers", type=_ints, help="worker counts, e.g. 1,2")
     parser.add_argument("--concurrency", type=_ints, help="concurrency levels, e.g. 1,32")
     parser.add_argument("--paths", help=f"comma-separated subset of {','.join(PATHS)}")
-    parser.add_argument("--litellm", action="store_true", help="also LiteLLM (default: $BENCH_LITELLM=1)")
+    parser.add_argument(
+        "--peers",
+        help=f"comma-separated peers to measure too, of {','.join(PEERS)} (default: $BENCH_PEERS; "
+        "$BENCH_LITELLM=1 means litellm)",
+    )
     args = parser.parse_args(argv)
     smoke = args.smoke
     out = args.out or (Path(tempfile.mkdtemp(prefix="bench-smoke-")) if smoke else HERE)
@@ -39,6 +43,12 @@ def options(argv: list[str] | None) -> Options:
     unknown = set(paths) - set(PATHS)
     if unknown:
         parser.error(f"unknown paths: {', '.join(sorted(unknown))}")
+    peer_text = args.peers if args.peers is not None else os.environ.get("BENCH_PEERS", "")
+    peers = tuple(p for p in peer_text.split(",") if p)
+    if os.environ.get("BENCH_LITELLM") == "1" and "litellm" not in peers:
+        peers = ("litellm", *peers)
+    if set(peers) - set(PEERS):
+        parser.error(f"unknown peers: {', '.join(sorted(set(peers) - set(PEERS)))} (known: {', '.join(PEERS)})")
     return Options(
         out=out,
         seconds=args.seconds or (1.0 if smoke else 8.0),
@@ -46,7 +56,7 @@ def options(argv: list[str] | None) -> Options:
         workers=args.workers or ((1,) if smoke else (1, 2)),
         concurrency=args.concurrency or ((1, 4) if smoke else (1, 32)),
         paths=paths,
-        litellm=args.litellm or os.environ.get("BENCH_LITELLM") == "1",
+        peers=peers,
         info_level=not smoke,
         rss_pass=not smoke,
         smoke=smoke,

@@ -57,6 +57,7 @@ def wrk(
     workdir: Path,
     cpus: set[int] | None,
     authorization: str = "",
+    headers: dict[str, str] | None = None,
 ) -> LoadResult:
     binary = require("wrk", "wrk")
     body_file = workdir / f"body-{len(body)}-{hash(body) & 0xFFFF:x}.json"
@@ -76,7 +77,12 @@ def wrk(
     before = _child_cpu()
     done = subprocess.run(
         cmd,
-        env={**os.environ, "BENCH_BODY_FILE": str(body_file), "BENCH_AUTHORIZATION": authorization},
+        env={
+            **os.environ,
+            "BENCH_BODY_FILE": str(body_file),
+            "BENCH_AUTHORIZATION": authorization,
+            "BENCH_HEADERS": "\n".join(f"{k}: {v}" for k, v in (headers or {}).items()),
+        },
         capture_output=True,
         text=True,
         check=False,

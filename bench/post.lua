@@ -8,6 +8,16 @@ local auth = os.getenv("BENCH_AUTHORIZATION")  -- LiteLLM refuses to start witho
 if auth and auth ~= "" then
   wrk.headers["Authorization"] = auth
 end
+-- More headers, one "name: value" a line (Portkey routes by x-portkey-provider and x-portkey-custom-host).
+local extra = os.getenv("BENCH_HEADERS")
+if extra and extra ~= "" then
+  for line in extra:gmatch("[^\n]+") do
+    local name, value = line:match("^([^:]+):%s*(.*)$")
+    if name then
+      wrk.headers[name] = value
+    end
+  end
+end
 
 function done(summary, latency, requests)
   local e = summary.errors

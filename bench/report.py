@@ -14,13 +14,21 @@ import orjson
 
 from .run import Options, Results, Row
 
-# The targets of issue 7, on this machine, as ratios from one run.
-CPU_UNARY_MS = 0.5
-ADDED_P50_MS = 0.6
-CPU_STREAM_MS = 0.8
-CPU_SEPARATE_MS = 1.2
-BARE_GRPC_STREAM_MS = 1.77  # design notes, section 3: the same hop with no gateway logic at all
-LITELLM_RATIO = 40.0
+# The targets of issue 17 (and the per-feature budgets of issues 13 and 14), on this machine, as ratios
+# from one run.
+CPU_FULL_UNARY_MS = 0.25  # one key, rpm+tpm in memory, prices, the SQLite ledger
+ADDED_P50_FULL_MS = 0.35
+CPU_FULL_REDIS_UNARY_MS = 0.32  # the same with the limits in Redis (gateway CPU only)
+CPU_FULL_STREAM_MS = 0.7
+ANTHROPIC_STREAM_RATIO = 1.25  # Anthropic stream CPU / OpenAI-compatible stream CPU
+KEYS_EXTRA_MS = 0.03  # keys + limits in memory, above no keys
+REDIS_EXTRA_MS = 0.12  # keys + limits in Redis, above no keys
+LEDGER_EXTRA_MS = 0.03  # prices + SQLite ledger, above keys + limits alone
+LITELLM_RATIO = 60.0
+PORTKEY_CPU_RATIO = 4.0
+GRPC_UNARY_MS = 0.30
+GRPC_STREAM_MS = 0.9
+GRPC_FLOOR_RATIO = 1.3
 RSS_MB = 80.0
 RSS_GROWTH_MB = 2.0  # more than this between two identical passes counts as growth
 
@@ -66,7 +74,7 @@ class Check:
     measured: str
     limit: str
     met: bool | None  # None: not measured in this run
-    informational: bool = False  # a number to watch, not a target of issue 7
+    informational: bool = False  # a number to watch, not a target
 
     @property
     def verdict(self) -> str:
@@ -94,78 +102,121 @@ def added_p50(rows: list[Row], row: Row) -> float | None:
     return round(row.load.p50_ms - floor.load.p50_ms, 3)
 
 
+def _gateway_cpu(row: Row | None) -> float | None:
+    """The gateway's own CPU per request: without Redis's share, which is reported apart."""
+    if row is None or row.cpu_ms is None:
+        return None
+    return row.cpu_split_ms.get("gateway", row.cpu_ms)
+
+
 def checks(results: Results, options: Options) -> list[Check]:
     rows, top = results.rows, max(options.concurrency)
     out: list[Check] = []
 
-    def cpu(target: str, path: str, kind: str, limit: float, reference: str = "") -> None:
-        row = _find(rows, path, 1, kind, top)
-        value = row.cpu_ms if row is not None else None
-        out.append(
-            Check(
-                target,
-                "-" if value is None else f"{value:.3f} ms",
-                reference or f"≤ {limit} ms",
-                None if value is None else value <= limit,
-                informational=bool(reference),
-            )
-        )
+    def at_most(target: str, value: float | None, limit: float, unit: str = "ms", informational: bool = False) -> None:
+        measured = "-" if value is None else (f"{value:.3f} ms" if unit == "ms" else f"{value:.2f}x")
+        bound = f"≤ {limit} ms" if unit == "ms" else f"≤ {limit}x"
+        out.append(Check(target, measured, bound, None if value is None else value <= limit, informational))
 
-    cpu(f"REST unary in-process, CPU/req (1 worker, c={top})", "rest-inproc", "unary", CPU_UNARY_MS)
-    row = _find(rows, "rest-inproc", 1, "unary", 1)
-    added = added_p50(rows, row) if row is not None else None
-    out.append(
-        Check(
-            "REST unary in-process, added p50 at c=1",
-            "-" if added is None else f"{added:.3f} ms",
-            f"≤ {ADDED_P50_MS} ms",
-            None if added is None else added <= ADDED_P50_MS,
-        )
+    def cpu(path: str, kind: str, workers: int = 1) -> float | None:
+        return _gateway_cpu(_find(rows, path, workers, kind, top))
+
+    def diff(a: float | None, b: float | None) -> float | None:
+        return None if a is None or b is None else round(a - b, 4)
+
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return None if a is None or not b else round(a / b, 3)
+
+    at_most(
+        f"REST unary, key + limits in memory + prices + SQLite ledger, CPU/req (c={top})",
+        cpu("rest-full", "unary"),
+        CPU_FULL_UNARY_MS,
     )
-    cpu(f"REST streaming in-process, CPU/stream (1 worker, c={top})", "rest-inproc", "stream", CPU_STREAM_MS)
-    cpu(
-        f"REST via separate gRPC process, CPU/req both processes (unary, 1 worker, c={top})",
-        "rest-separate",
-        "unary",
-        CPU_SEPARATE_MS,
+    row = _find(rows, "rest-full", 1, "unary", 1)
+    at_most("REST unary, all of the above, added p50 at c=1", added_p50(rows, row) if row else None, ADDED_P50_FULL_MS)
+    at_most(
+        f"REST unary, the same with limits in Redis, gateway CPU/req (c={top})",
+        cpu("rest-full-redis", "unary"),
+        CPU_FULL_REDIS_UNARY_MS,
     )
-    # Issue 7's 1.2 ms is per request, like its in-process unary target; streams through the hop have
-    # no target of their own. The design notes' bare Sanic -> grpc.aio -> aiohttp stack: 1.77 ms/stream.
-    cpu(
-        f"REST via separate gRPC process, CPU/stream both processes (1 worker, c={top})",
-        "rest-separate",
-        "stream",
-        BARE_GRPC_STREAM_MS,
-        reference=f"no target (bare Sanic + grpc.aio + aiohttp: {BARE_GRPC_STREAM_MS} ms)",
+    at_most(
+        f"REST stream (20 chunks + usage), all of the above, CPU/stream (c={top})",
+        cpu("rest-full", "stream"),
+        CPU_FULL_STREAM_MS,
+    )
+    at_most(
+        "Anthropic stream CPU / OpenAI-compatible stream CPU",
+        ratio(cpu("rest-anthropic", "stream"), cpu("rest-inproc", "stream")),
+        ANTHROPIC_STREAM_RATIO,
+        "x",
+    )
+    at_most(
+        "keys + rpm/tpm in memory: extra CPU/req above no keys (unary)",
+        diff(cpu("rest-keys", "unary"), cpu("rest-inproc", "unary")),
+        KEYS_EXTRA_MS,
+    )
+    at_most(
+        "keys + rpm/tpm in Redis: extra gateway CPU/req above no keys (unary)",
+        diff(cpu("rest-keys-redis", "unary"), cpu("rest-inproc", "unary")),
+        REDIS_EXTRA_MS,
+    )
+    redis_row = _find(rows, "rest-keys-redis", 1, "unary", top)
+    at_most(
+        "Redis's own CPU/req (keys + limits, unary)",
+        redis_row.cpu_split_ms.get("redis") if redis_row else None,
+        1.0,
+        informational=True,
+    )
+    at_most(
+        "prices + SQLite ledger: extra CPU/req above keys + limits alone (unary)",
+        diff(cpu("rest-full", "unary"), cpu("rest-keys", "unary")),
+        LEDGER_EXTRA_MS,
     )
     for kind in options.kinds:
         for workers in options.workers:
             ours = _find(rows, "rest-inproc", workers, kind, top)
             theirs = _find(rows, "litellm", workers, kind, top)
+            name = f"req/s per worker ≥ {LITELLM_RATIO:.0f}x LiteLLM ({kind}, {workers} worker(s), c={top})"
             if ours is None or theirs is None or theirs.load.rps <= 0:
-                out.append(
-                    Check(
-                        f"req/s per worker ≥ {LITELLM_RATIO:.0f}x LiteLLM ({kind}, {workers} worker(s))",
-                        "-",
-                        f"≥ {LITELLM_RATIO:.0f}x",
-                        None,
-                    )
-                )
+                out.append(Check(name, "-", f"≥ {LITELLM_RATIO:.0f}x", None))
                 continue
-            ratio = ours.load.rps / theirs.load.rps
+            times = ours.load.rps / theirs.load.rps
             out.append(
                 Check(
-                    f"req/s per worker ≥ {LITELLM_RATIO:.0f}x LiteLLM ({kind}, {workers} worker(s), c={top})",
-                    f"{ratio:.1f}x ({ours.load.rps / workers:.0f} vs {theirs.load.rps / workers:.1f})",
+                    name,
+                    f"{times:.1f}x ({ours.load.rps / workers:.0f} vs {theirs.load.rps / workers:.1f})",
                     f"≥ {LITELLM_RATIO:.0f}x",
-                    ratio >= LITELLM_RATIO,
+                    times >= LITELLM_RATIO,
                 )
             )
-    gateway_rss = [r for r in results.rss if r["instance"] != "litellm"]
+        theirs_cpu = cpu("portkey", kind)
+        ours_cpu = cpu("rest-inproc", kind)
+        less = None if theirs_cpu is None or not ours_cpu else theirs_cpu / ours_cpu
+        out.append(
+            Check(
+                f"CPU/req ≥ {PORTKEY_CPU_RATIO:.0f}x less than Portkey's gateway ({kind}, c={top})",
+                "-" if less is None else f"{less:.1f}x ({ours_cpu:.3f} vs {theirs_cpu:.3f} ms)",
+                f"≥ {PORTKEY_CPU_RATIO:.0f}x",
+                None if less is None else less >= PORTKEY_CPU_RATIO,
+            )
+        )
+    for kind, limit in (("unary", GRPC_UNARY_MS), ("stream", GRPC_STREAM_MS)):
+        value, floor = cpu("grpc-direct", kind), cpu("grpc-floor", kind)
+        bound = max(limit, GRPC_FLOOR_RATIO * floor) if floor is not None else limit
+        floor_text = f" (bare grpc.aio floor {floor:.3f} ms)" if floor is not None else ""
+        out.append(
+            Check(
+                f"gRPC direct {kind}, CPU/{'req' if kind == 'unary' else 'stream'} (c={top}){floor_text}",
+                "-" if value is None else f"{value:.3f} ms",
+                f"≤ {limit} ms, or ≤ {GRPC_FLOOR_RATIO}x the floor",
+                None if value is None else value <= bound,
+            )
+        )
+    gateway_rss = [r for r in results.rss if r["instance"] not in ("litellm", "portkey")]
     worst = max((p["rss_mb"] for r in gateway_rss for p in r["pass1"] + (r["pass2"] or [])), default=None)
     out.append(
         Check(
-            "RSS per gateway process after the run",
+            "RSS per gateway process after the run (every feature on included)",
             "-" if worst is None else f"max {worst:.1f} MB",
             f"< {RSS_MB:.0f} MB",
             None if worst is None else worst < RSS_MB,
@@ -182,6 +233,43 @@ def checks(results: Results, options: Options) -> list[Check]:
         )
     )
     return out
+
+
+def summary(results: Results, options: Options) -> list[tuple[str, str]]:
+    """The ratios at the top of RESULTS.md: the gateway against each peer and each floor."""
+    rows, top = results.rows, max(options.concurrency)
+    lines: list[tuple[str, str]] = []
+    for kind in options.kinds:
+        ours = _find(rows, "rest-inproc", 1, kind, top)
+        if ours is None or ours.cpu_ms is None:
+            continue
+        for peer in ("litellm", "portkey"):
+            theirs = _find(rows, peer, 1, kind, top)
+            if theirs is not None and theirs.cpu_ms:
+                lines.append(
+                    (
+                        f"{peer}, {kind}, 1 worker",
+                        f"{theirs.load.rps and ours.load.rps / theirs.load.rps:.1f}x the req/s, "
+                        f"{theirs.cpu_ms / ours.cpu_ms:.1f}x less CPU/req",
+                    )
+                )
+            elif peer in options.peers:
+                lines.append((f"{peer}, {kind}", results.failures.get(f"{peer} {kind}", "not measured")))
+        floor = _find(rows, "proxy-floor", 1, kind, top)
+        if floor is not None and floor.cpu_ms:
+            lines.append(
+                (f"nginx proxy (C floor), {kind}", f"gateway CPU/req = {ours.cpu_ms / floor.cpu_ms:.1f}x nginx's")
+            )
+        direct, bare = _find(rows, "grpc-direct", 1, kind, top), _find(rows, "grpc-floor", 1, kind, top)
+        if direct is not None and bare is not None and direct.cpu_ms and bare.cpu_ms:
+            lines.append(
+                (
+                    f"bare grpc.aio (gRPC floor), {kind}",
+                    f"gRPC direct CPU/req = {direct.cpu_ms / bare.cpu_ms:.2f}x the floor's "
+                    f"({direct.cpu_ms:.3f} vs {bare.cpu_ms:.3f} ms)",
+                )
+            )
+    return lines
 
 
 def rss_growth(entry: dict[str, Any]) -> list[float]:
@@ -202,7 +290,7 @@ def to_json(results: Results, options: Options, info: dict[str, Any]) -> bytes:
                 "workers": options.workers,
                 "concurrency": options.concurrency,
                 "paths": options.paths,
-                "litellm": options.litellm,
+                "peers": options.peers,
                 "smoke": options.smoke,
             },
             "rows": [{**r.as_dict(), "added_p50_ms": added_p50(results.rows, r)} for r in results.rows],
@@ -217,6 +305,7 @@ def to_json(results: Results, options: Options, info: dict[str, Any]) -> bytes:
                 }
                 for c in checks(results, options)
             ],
+            "summary": dict(summary(results, options)),
             "failures": results.failures,
             "loadavg_1min": {"before": results.load_before, "after": results.load_after},
         },
@@ -245,7 +334,13 @@ def to_markdown(results: Results, options: Options, info: dict[str, Any], extra:
         f"1-minute load average before the run {results.load_before:.2f}, after {results.load_after:.2f}"
         + (" (**other work was running on the machine: numbers are skewed**)." if results.load_before > 1 else "."),
         "",
-        "## Targets (issue 7)",
+        "## Summary",
+        "",
+        "| against | ratio |",
+        "|---|---|",
+        *(f"| {name} | {value} |" for name, value in summary(results, options)),
+        "",
+        "## Targets (issues 13, 14 and 17)",
         "",
         "| target | measured | limit | verdict |",
         "|---|---|---|---|",

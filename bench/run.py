@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 import time
 import urllib.request
@@ -14,14 +15,15 @@ from typing import Any
 
 import orjson
 
-from . import load, systems
+from . import features, load, systems
 from .load import LoadResult
 from .procs import CpuSample, free_port, rss_table
 from .upstream import STREAM_CHUNKS, Nginx
 
 Target = Callable[[int, float], LoadResult]  # (concurrency, seconds) -> result
 
-PATHS = ("floor", "rest-inproc", "rest-separate", "grpc-direct")
+PATHS = ("floor", "proxy-floor", "grpc-floor", "rest-inproc", "rest-separate", "grpc-direct", *features.FEATURES)
+PEERS = ("litellm", "portkey")
 
 
 @dataclass
@@ -33,7 +35,7 @@ class Options:
     concurrency: tuple[int, ...] = (1, 32)
     kinds: tuple[str, ...] = ("unary", "stream")
     paths: tuple[str, ...] = PATHS
-    litellm: bool = False
+    peers: tuple[str, ...] = ()
     info_level: bool = True  # also measure the default INFO logging once
     rss_pass: bool = True  # repeat the highest-concurrency scenarios to check RSS growth
     smoke: bool = False
@@ -77,9 +79,15 @@ class Results:
     load_after: float = 0.0
 
 
-def _rest_target(url: str, kind: str, workdir: Path, authorization: str = "") -> Target:
+def _rest_target(
+    url: str, kind: str, workdir: Path, authorization: str = "", headers: dict[str, str] | None = None
+) -> Target:
     body = load.request_body(f"bench-{kind}", kind == "stream")
-    return lambda c, s: load.wrk(url, body, c, s, workdir, LOADGEN_CPUS, authorization)
+    return lambda c, s: load.wrk(url, body, c, s, workdir, LOADGEN_CPUS, authorization, headers)
+
+
+def _body_target(url: str, body: bytes, workdir: Path) -> Target:
+    return lambda c, s: load.wrk(url, body, c, s, workdir, LOADGEN_CPUS)
 
 
 def _grpc_target(address: str, kind: str) -> Target:
@@ -91,10 +99,11 @@ def _grpc_target(address: str, kind: str) -> Target:
 LOADGEN_CPUS: set[int] | None = {max(os.sched_getaffinity(0))} if len(os.sched_getaffinity(0)) > 1 else None
 
 
-def check_rest(url: str, kind: str, authorization: str = "") -> None:
+def check_rest(url: str, kind: str, authorization: str = "", extra: dict[str, str] | None = None) -> None:
     """One request before measuring: the path answers correctly, so a fast error page is never timed."""
     body = load.request_body(f"bench-{kind}", kind == "stream")
     headers = {"content-type": "application/json", **({"authorization": authorization} if authorization else {})}
+    headers.update(extra or {})
     request = urllib.request.Request(url, data=body, headers=headers)
     with urllib.request.urlopen(request, timeout=30) as response:
         data = response.read()
@@ -171,6 +180,68 @@ class Bench:
         assert nginx.process is not None
         self.scenarios("floor", 0, targets, {"nginx": nginx.process.pid})
 
+    def proxy_floor(self, nginx: Nginx) -> None:
+        """nginx as a reverse proxy in front of the upstream: the C floor for a proxy. Like the gateway, it
+        is not pinned."""
+        proxy = Nginx(self.workdir / "nginx-proxy", free_port(), None, proxy_to=nginx.port).start()
+        try:
+            targets = {}
+            for kind in self.o.kinds:
+                url = f"{proxy.url(kind)}/chat/completions"
+                check_rest(url, kind)
+                targets[kind] = _rest_target(url, kind, self.workdir)
+            assert proxy.process is not None
+            self.scenarios("proxy-floor", 1, targets, {"nginx-proxy": proxy.process.pid})
+        finally:
+            proxy.stop()
+
+    def grpc_floor(self) -> None:
+        """A bare grpc.aio service with fixed answers, called by the same gRPC load generator."""
+        port = free_port()
+        proc = systems.Proc(
+            "grpc-floor",
+            [sys.executable, "-m", "bench.grpc_floor", "--port", str(port)],
+            systems.bench_env(),
+            self.workdir,
+        )
+        try:
+            proc.wait_listening(port, 1)
+            address = f"127.0.0.1:{port}"
+            targets = {kind: _grpc_target(address, kind) for kind in self.o.kinds}
+            self.scenarios("grpc-floor", 1, targets, {"grpc-floor": proc.pid})
+        finally:
+            proc.stop()
+
+    def feature(self, nginx: Nginx, feature: str, redis_url: str, redis_pid: int | None) -> None:
+        """rest-inproc with one feature on (bench/features.py), one worker."""
+        upstream = {kind: nginx.url(kind) for kind in ("unary", "stream")}
+        base = systems.gateway_config(upstream, "WARNING")
+        config = features.config(feature, base, nginx.base, self.workdir, redis_url)
+        proc, rest, _ = systems.start_gateway(feature, self.workdir, config, 1)
+        try:
+            url = f"http://127.0.0.1:{rest}{features.path_of(feature)}"
+            auth = features.authorization(feature)
+            targets: dict[str, Target] = {}
+            for kind in features.kinds_of(feature, self.o.kinds):
+                if feature == "rest-embeddings":
+                    body = features.embedding_body(kind)
+                    request = urllib.request.Request(url, data=body, headers={"content-type": "application/json"})
+                    with urllib.request.urlopen(request, timeout=30) as response:
+                        features.check_embeddings(response.read(), kind)
+                    targets[kind] = _body_target(url, body, self.workdir)
+                else:
+                    check_rest(url, kind, auth)
+                    targets[kind] = _rest_target(url, kind, self.workdir, auth)
+            groups = {"gateway": proc.pid, **({"redis": redis_pid} if redis_pid and feature.endswith("-redis") else {})}
+            saved = self.o.kinds
+            self.o.kinds = tuple(targets)
+            try:
+                self.instance(feature, 1, [(feature, targets, groups)], [proc.pid])
+            finally:
+                self.o.kinds = saved
+        finally:
+            proc.stop()
+
     def inproc(
         self, upstream: dict[str, str], workers: int, level: str = "WARNING", label: str = "rest-inproc"
     ) -> None:
@@ -237,20 +308,49 @@ class Bench:
             upstream = {kind: nginx.url(kind) for kind in ("unary", "stream")}
             if "floor" in self.o.paths:
                 self.floor(nginx)
+            if "proxy-floor" in self.o.paths:
+                self.proxy_floor(nginx)
+            if "grpc-floor" in self.o.paths:
+                self.grpc_floor()
             for workers in self.o.workers:
                 if "rest-inproc" in self.o.paths:
                     self.inproc(upstream, workers)
                 if {"rest-separate", "grpc-direct"} & set(self.o.paths):
                     self.separate(upstream, workers)
+            wanted = [f for f in features.FEATURES if f in self.o.paths]
+            if wanted:
+                self.run_features(nginx, wanted)
             if self.o.info_level and "rest-inproc" in self.o.paths:
                 self.inproc(upstream, 1, level="INFO", label="rest-inproc INFO log")
-            if self.o.litellm:
+            if "litellm" in self.o.peers:
                 self.run_litellm(upstream)
+            if "portkey" in self.o.peers:
+                self.run_portkey(upstream)
         finally:
             nginx.stop()
         self.results.load_after = os.getloadavg()[0]
         shutil.rmtree(self.workdir, ignore_errors=True)  # kept when the run failed, for its logs
         return self.results
+
+    def run_features(self, nginx: Nginx, wanted: list[str]) -> None:
+        redis = None
+        if set(wanted) & set(features.REDIS_FEATURES):
+            try:
+                redis = features.Redis(self.workdir, LOADGEN_CPUS).start()
+            except Exception as exc:
+                self.results.failures["redis"] = f"{type(exc).__name__}: {exc}"
+                wanted = [f for f in wanted if f not in features.REDIS_FEATURES]
+        try:
+            for feature in wanted:
+                try:
+                    pid = redis.process.pid if redis is not None and redis.process is not None else None
+                    self.feature(nginx, feature, redis.url if redis is not None else "", pid)
+                except Exception as exc:  # reported in the results; the rest of the bench still runs
+                    self.results.failures[feature] = f"{type(exc).__name__}: {str(exc)[-500:]}"
+                    self.log(f"{feature} failed: {exc}")
+        finally:
+            if redis is not None:
+                redis.stop()
 
     def run_litellm(self, upstream: dict[str, str]) -> None:
         problem = systems.litellm_status()
@@ -267,3 +367,32 @@ class Bench:
             except Exception as exc:  # reported in the results, never fatal to the rest of the bench
                 self.results.failures[f"litellm w={workers}"] = f"{type(exc).__name__}: {str(exc)[-500:]}"
                 self.log(f"LiteLLM w={workers} failed: {exc}")
+
+    def run_portkey(self, upstream: dict[str, str]) -> None:
+        problem = systems.portkey_status()
+        if problem is not None:
+            self.log(f"installing Portkey's gateway {systems.PORTKEY_VERSION} into {systems.PORTKEY_DIR}")
+            problem = systems.install_portkey()
+        if problem is not None:
+            self.results.failures["portkey"] = f"install failed: {problem}"
+            self.log(f"Portkey skipped: {problem}")
+            return
+        proc, port = systems.start_portkey(self.workdir)
+        try:
+            url = f"http://127.0.0.1:{port}/v1/chat/completions"
+            targets: dict[str, Target] = {}
+            for kind in self.o.kinds:
+                headers = systems.portkey_headers(upstream[kind])
+                try:
+                    check_rest(url, kind, extra=headers)
+                except Exception as exc:  # a peer's failure is reported, never hidden, never fatal
+                    self.results.failures[f"portkey {kind}"] = f"{type(exc).__name__}: {str(exc)[-300:]}"
+                    self.log(f"Portkey {kind} failed its check: {exc}")
+                    continue
+                targets[kind] = _rest_target(url, kind, self.workdir, headers=headers)
+            # One Node.js process: Portkey's server has no worker option.
+            for kind, target in targets.items():
+                for c in self.o.concurrency:
+                    self.measure("portkey", 1, kind, target, {"portkey": proc.pid}, c)
+        finally:
+            proc.stop()

@@ -17,6 +17,9 @@ from .procs import free_port, wait_port
 ROOT = Path(__file__).resolve().parent.parent
 LITELLM_VENV = Path(__file__).resolve().parent / ".venv-litellm"
 LITELLM_VERSION = "1.106.12"  # 1.107.0 was reported compromised: never unpin this blindly
+PORTKEY_DIR = Path(__file__).resolve().parent / ".portkey"
+PORTKEY_VERSION = "1.15.2"
+PORTKEY_SERVER = PORTKEY_DIR / "node_modules" / "@portkey-ai" / "gateway" / "build" / "start-server.js"
 # Config keys the environment would override (gateway/config.py ENV_OVERRIDES): the bench sets its own.
 _SCRUB = ("CONFIG_PATH", "SERVER_HOST", "SERVER_PORT", "GRPC_PORT", "GRPC_TARGET", "WORKERS", "LOG_LEVEL")
 MODELS = ("bench-unary", "bench-stream")
@@ -79,6 +82,10 @@ class Proc:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+
+def bench_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    return _env(extra or {})
 
 
 def _env(extra: dict[str, str]) -> dict[str, str]:
@@ -178,3 +185,52 @@ def start_litellm(workdir: Path, upstream: dict[str, str], workers: int) -> tupl
         proc.stop()
         raise
     return proc, port, f"Bearer {master_key}"
+
+
+def portkey_status() -> str | None:
+    """None when Portkey's gateway is installed in bench/.portkey, else why not."""
+    return None if PORTKEY_SERVER.exists() else f"not installed ({PORTKEY_SERVER} missing)"
+
+
+def install_portkey() -> str | None:
+    """npm-install the pinned `@portkey-ai/gateway` into bench/.portkey; None on success, else the error."""
+    try:
+        PORTKEY_DIR.mkdir(exist_ok=True)
+        subprocess.run(
+            [
+                "npm",
+                "install",
+                "--prefix",
+                str(PORTKEY_DIR),
+                "--no-audit",
+                "--no-fund",
+                f"@portkey-ai/gateway@{PORTKEY_VERSION}",
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+    except subprocess.CalledProcessError as exc:
+        return f"npm failed: {(exc.stderr or '').strip()[-500:]}"
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"npm failed: {exc}"
+    return portkey_status()
+
+
+def start_portkey(workdir: Path) -> tuple[Proc, int]:
+    """Portkey's open-source gateway (Node.js, one process: it has no worker option); it and its port."""
+    port = free_port()
+    cmd = ["node", str(PORTKEY_SERVER), f"--port={port}", "--headless"]
+    proc = Proc("portkey", cmd, _env({"NODE_ENV": "production"}), workdir, cwd=workdir)
+    try:
+        proc.wait_listening(port, 1, timeout=60)
+    except BaseException:
+        proc.stop()
+        raise
+    return proc, port
+
+
+def portkey_headers(upstream_url: str) -> dict[str, str]:
+    """Portkey routes each request by headers: the provider, and our upstream as its custom host."""
+    return {"x-portkey-provider": "openai", "x-portkey-custom-host": upstream_url, "authorization": "Bearer bench"}

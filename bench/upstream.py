@@ -16,6 +16,7 @@ import orjson
 from .procs import pin, wait_port
 
 TEMPLATE = Path(__file__).with_name("nginx.conf.template")
+PROXY_TEMPLATE = Path(__file__).with_name("nginx-proxy.conf.template")
 STREAM_CHUNKS = 20
 USAGE = {"prompt_tokens": 9, "completion_tokens": STREAM_CHUNKS, "total_tokens": 9 + STREAM_CHUNKS}
 
@@ -67,12 +68,108 @@ def stream_body() -> bytes:
     return b"".join(b"data: " + orjson.dumps(e) + b"\n\n" for e in events) + b"data: [DONE]\n\n"
 
 
+def anthropic_unary_body() -> bytes:
+    return orjson.dumps(
+        {
+            "id": "msg_bench",
+            "type": "message",
+            "role": "assistant",
+            "model": "claude-bench",
+            "content": [{"type": "text", "text": "Hello! How can I help you today?"}],
+            "stop_reason": "end_turn",
+            "stop_sequence": None,
+            "usage": {"input_tokens": 9, "output_tokens": STREAM_CHUNKS},
+        }
+    )
+
+
+def anthropic_stream_body() -> bytes:
+    """Anthropic's event stream with as many text deltas as the OpenAI stream has content chunks."""
+    events: list[tuple[str, dict[str, object]]] = [
+        (
+            "message_start",
+            {
+                "type": "message_start",
+                "message": {
+                    "id": "msg_bench",
+                    "type": "message",
+                    "role": "assistant",
+                    "model": "claude-bench",
+                    "content": [],
+                    "stop_reason": None,
+                    "stop_sequence": None,
+                    "usage": {"input_tokens": 9, "output_tokens": 1},
+                },
+            },
+        ),
+        (
+            "content_block_start",
+            {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+        ),
+        ("ping", {"type": "ping"}),
+    ]
+    for i in range(STREAM_CHUNKS - 1):
+        delta = {"type": "text_delta", "text": f"tok{i} "}
+        events.append(("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": delta}))
+    events += [
+        ("content_block_stop", {"type": "content_block_stop", "index": 0}),
+        (
+            "message_delta",
+            {
+                "type": "message_delta",
+                "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                "usage": {"output_tokens": STREAM_CHUNKS},
+            },
+        ),
+        ("message_stop", {"type": "message_stop"}),
+    ]
+    return b"".join(b"event: %s\ndata: %s\n\n" % (name.encode(), orjson.dumps(data)) for name, data in events)
+
+
+EMBEDDING_INPUTS = 16
+EMBEDDING_DIMENSIONS = 1536
+
+
+def embeddings_body(base64_form: bool) -> bytes:
+    """16 vectors of 1536 dimensions, as floats or as OpenAI's base64 of little-endian float32."""
+    import base64
+    import struct
+
+    data = []
+    for i in range(EMBEDDING_INPUTS):
+        vector = [((i * 7919 + j * 104729) % 20001 - 10000) / 10000 * 0.05 for j in range(EMBEDDING_DIMENSIONS)]
+        packed = struct.pack(f"<{EMBEDDING_DIMENSIONS}f", *vector)
+        embedding: object = (
+            base64.b64encode(packed).decode()
+            if base64_form
+            else list(struct.unpack(f"<{EMBEDDING_DIMENSIONS}f", packed))  # float32 values, as upstreams send
+        )
+        data.append({"object": "embedding", "index": i, "embedding": embedding})
+    usage = {"prompt_tokens": 8 * EMBEDDING_INPUTS, "total_tokens": 8 * EMBEDDING_INPUTS}
+    return orjson.dumps({"object": "list", "data": data, "model": "bench-embedding", "usage": usage})
+
+
+# Every fixed body the upstream serves: the api_url path prefix, the path below it, the body.
+def bodies() -> list[tuple[str, str, bytes]]:
+    return [
+        ("unary", "v1/chat/completions", unary_body()),
+        ("stream", "v1/chat/completions", stream_body()),
+        ("anthropic-unary", "v1/messages", anthropic_unary_body()),
+        ("anthropic-stream", "v1/messages", anthropic_stream_body()),
+        ("embed-float", "v1/embeddings", embeddings_body(False)),
+        ("embed-base64", "v1/embeddings", embeddings_body(True)),
+    ]
+
+
 class Nginx:
-    def __init__(self, prefix: Path, port: int, cpus: set[int] | None) -> None:
+    """The fake upstream; with `proxy_to`, instead nginx as a reverse proxy in front of that port."""
+
+    def __init__(self, prefix: Path, port: int, cpus: set[int] | None, proxy_to: int | None = None) -> None:
         self.binary = require("nginx", "nginx")
         self.prefix = prefix
         self.port = port
         self.cpus = cpus
+        self.proxy_to = proxy_to
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -89,12 +186,18 @@ class Nginx:
             "user": "user root;" if os.geteuid() == 0 else "",
             "prefix": str(self.prefix),
             "port": str(self.port),
+            "upstream_port": str(self.proxy_to or ""),
         }
-        for kind, body in (("unary", unary_body()), ("stream", stream_body())):
-            path = self.prefix / "www" / kind / "v1" / "chat" / "completions"
+        if self.proxy_to is not None:
+            return self._write(PROXY_TEMPLATE, values)
+        for kind, below, body in bodies():
+            path = self.prefix / "www" / kind / below
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(body)
-        text = TEMPLATE.read_text()
+        return self._write(TEMPLATE, values)
+
+    def _write(self, template: Path, values: dict[str, str]) -> Path:
+        text = template.read_text()
         for key, value in values.items():
             text = text.replace("{{" + key + "}}", value)
         conf = self.prefix / "nginx.conf"

@@ -54,7 +54,7 @@ def test_bench_smoke_run_writes_a_well_formed_report(tmp_path: Path) -> None:
 
     markdown = (tmp_path / "RESULTS.md").read_text()
     assert markdown.startswith("# Benchmark results (smoke run)")
-    for heading in ("## Targets (issue 7)", "## All paths", "## RSS per process (MB)"):
+    for heading in ("## Summary", "## Targets (issues 13, 14 and 17)", "## All paths", "## RSS per process (MB)"):
         assert heading in markdown
     assert "| rest-inproc | 1 | unary c=1 |" in markdown
     # The smoke run never touches the committed results.
