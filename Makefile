@@ -17,7 +17,9 @@ $(STAMP): pyproject.toml
 run: setup
 	$(BIN)/llm-gateway
 
+# The Debian packages the tests need first: installed as root on Debian, else named in one line.
 test: setup
+	bash tools/system-deps.sh
 	$(BIN)/python -m pytest
 
 bench: setup
