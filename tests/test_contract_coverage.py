@@ -99,3 +99,14 @@ def test_models_list_fields(schemas: dict[str, Any]) -> None:
     assert not _missing(schemas, schemas["ListModelsResponse"], chat_pb2.ListModelsResponse.DESCRIPTOR)
     missing = _missing(schemas, schemas["Model"], chat_pb2.Model.DESCRIPTOR)
     assert missing <= {"shutdown_date"}  # kept, like any key the proto lacks, in `extra`
+
+
+def test_embedding_fields(schemas: dict[str, Any]) -> None:
+    response = schemas["CreateEmbeddingResponse"]
+    for schema, message in (
+        (schemas["CreateEmbeddingRequest"], chat_pb2.CreateEmbeddingRequest),
+        (response, chat_pb2.CreateEmbeddingResponse),
+        (schemas["Embedding"], chat_pb2.Embedding),
+        (_properties(schemas, response)["usage"], chat_pb2.EmbeddingUsage),
+    ):
+        assert not _missing(schemas, schema, message.DESCRIPTOR), message.DESCRIPTOR.name

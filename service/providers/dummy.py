@@ -12,13 +12,13 @@ import asyncio
 import hashlib
 import itertools
 import math
-import random
 import struct
 import time
 from collections.abc import AsyncIterator, Sequence
 
 from gateway.call import CallInfo
 from gateway.config import ProviderConfig, Timeouts
+from gateway.errors import InvalidRequestError
 from llm_gateway.v1 import chat_pb2
 
 _ids = itertools.count(1)
@@ -27,6 +27,7 @@ _LOGPROBS_NULL = {"logprobs": "null"}
 _REFUSAL_NULL = {"refusal": "null"}
 _OPEN_CHOICE = {"logprobs": "null", "finish_reason": "null"}
 EMBEDDING_DIMENSIONS = 64
+MAX_EMBEDDING_DIMENSIONS = 3072  # text-embedding-3-large's
 
 
 def _open(index: int, delta: chat_pb2.Delta) -> chat_pb2.ChunkChoice:
@@ -147,6 +148,11 @@ class DummyProvider:
         if self._latency:
             await asyncio.sleep(self._latency)
         dimensions = request.dimensions if request.HasField("dimensions") else EMBEDDING_DIMENSIONS
+        if dimensions > MAX_EMBEDDING_DIMENSIONS:
+            raise InvalidRequestError(
+                f"Invalid 'dimensions': {dimensions}; this model has at most {MAX_EMBEDDING_DIMENSIONS}.",
+                param="dimensions",
+            )
         as_base64 = request.encoding_format == "base64"
         inputs = embedding_inputs(request)
         data = []
@@ -185,9 +191,9 @@ def embedding_inputs(request: chat_pb2.CreateEmbeddingRequest) -> Sequence[str |
 
 
 def _vector(item: str | Sequence[int], dimensions: int) -> list[float]:
-    seed = hashlib.blake2b(repr(item if isinstance(item, str) else list(item)).encode(), digest_size=16).digest()
-    rng = random.Random(seed)
-    values = [rng.gauss(0.0, 1.0) for _ in range(dimensions)]
-    norm = math.sqrt(sum(v * v for v in values)) or 1.0
+    # The hash stretched to one signed 32-bit number per dimension: C speed, the same on every run.
+    data = hashlib.shake_256(repr(item if isinstance(item, str) else list(item)).encode()).digest(4 * dimensions)
+    values = struct.unpack(f"<{dimensions}i", data)
+    norm = math.sqrt(math.fsum(v * v for v in values)) or 1.0
     # Rounded to float32, as models compute them: the float and base64 forms then say the same.
     return list(struct.unpack(f"<{dimensions}f", struct.pack(f"<{dimensions}f", *(v / norm for v in values))))

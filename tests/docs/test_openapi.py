@@ -47,6 +47,8 @@ INLINE_IN_OFFICIAL = {
     "ChatCompletionChoice": "/components/schemas/CreateChatCompletionResponse/properties/choices/items",
     "ChatCompletionChunkChoice": "/components/schemas/CreateChatCompletionStreamResponse/properties/choices/items",
 }
+# Examples OpenAI's schema cannot hold, and why: its Embedding has no base64 form, though its API sends one.
+OPENAI_SCHEMA_GAPS = {"dummy_base64": "OpenAI's Embedding.embedding is an array only; base64 answers are strings"}
 # Operations that are not the proto's: served by the facade itself.
 FACADE_ROUTES = {("get", "/healthz"), ("get", "/readyz")}
 
@@ -324,6 +326,8 @@ def test_examples_validate_against_openais_schemas(spec: dict[str, Any]) -> None
             checked.add("CreateChatCompletionStreamResponse")
             continue
         name = official_name(spec, schema_pointer)
+        if name == "CreateEmbeddingResponse" and where.rsplit(" ", 1)[-1] in OPENAI_SCHEMA_GAPS:
+            continue
         if name is not None and name in official.document["components"]["schemas"]:
             check_official(official, name, value, where)
             checked.add(name)
@@ -331,6 +335,8 @@ def test_examples_validate_against_openais_schemas(spec: dict[str, Any]) -> None
         "CreateChatCompletionRequest",
         "CreateChatCompletionResponse",
         "CreateChatCompletionStreamResponse",
+        "CreateEmbeddingRequest",
+        "CreateEmbeddingResponse",
         "ListModelsResponse",
         "ErrorResponse",
     }
@@ -432,6 +438,22 @@ def test_the_examples_are_what_the_gateway_answers(spec: dict[str, Any], gateway
         (call(gateway.base_url, "PUT", "/v1/models"), "MethodNotAllowed"),
     ):
         assert orjson.loads(reply.body) == responses[name]["content"]["application/json"]["example"], name
+
+
+def test_embedding_examples_are_what_the_gateway_answers(spec: dict[str, Any], gateway: GatewayProcess) -> None:
+    operation = spec["paths"]["/v1/embeddings"]["post"]
+    requests = operation["requestBody"]["content"]["application/json"]["examples"]
+    answers = operation["responses"]["200"]["content"]["application/json"]["examples"]
+    official = official_schemas()
+    for name in ("dummy", "dummy_base64"):
+        reply = call(gateway.base_url, "POST", "/v1/embeddings", requests[name]["value"])
+        assert orjson.loads(reply.body) == answers[name]["value"], name
+        check_documented(spec, "/v1/embeddings", "post", reply)
+        if name not in OPENAI_SCHEMA_GAPS:
+            check_official(official, "CreateEmbeddingResponse", orjson.loads(reply.body), name)
+    error = call(gateway.base_url, "POST", "/v1/embeddings", {"model": "dummy"})
+    check_documented(spec, "/v1/embeddings", "post", error)
+    assert error.status == 400
 
 
 def test_openapi_yaml_is_served(gateway: GatewayProcess) -> None:

@@ -90,5 +90,7 @@ def test_schemathesis_finds_nothing(gateway: GatewayProcess, tmp_path: Path) -> 
         ("POST", "/v1/chat/completions", 400, "application/json"),
         ("POST", "/v1/chat/completions", 404, "application/json"),
         ("GET", "/v1/models", 200, "application/json"),
+        ("POST", "/v1/embeddings", 200, "application/json"),
+        ("POST", "/v1/embeddings", 400, "application/json"),
     ):
         assert seen[expected] > 0, f"schemathesis never got {expected}: {seen}"
