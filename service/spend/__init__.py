@@ -1,0 +1,17 @@
+"""Spend: prices, the cost of each request, and its hand-off to the usage ledger."""
+
+from .meter import COST_HEADER, USAGE_COST_FIELD, SpendMeter, cached_tokens
+from .prices import Price, PriceError, PriceTable, builtin, load_table, usd
+
+__all__ = [
+    "COST_HEADER",
+    "USAGE_COST_FIELD",
+    "Price",
+    "PriceError",
+    "PriceTable",
+    "SpendMeter",
+    "builtin",
+    "cached_tokens",
+    "load_table",
+    "usd",
+]

@@ -1,0 +1,144 @@
+"""A request's cost, counted once when it ends: the metric, the response's cost header, the ledger record.
+
+Prices are resolved once at start-up for every (configured model, deployment) pair: the model's
+`price:` if it has one, else the built-in table's price of the deployment's upstream model. A request
+then costs one dict lookup, integer arithmetic, and a tuple appended to the ledger's buffer.
+
+Where the cost travels:
+  - unary calls: the `x-llm-gateway-cost-usd` response header (REST) or trailing metadata entry (gRPC);
+  - streams: the gRPC trailing metadata, and in the final usage chunk as `usage.llm_gateway_cost_usd`
+    when the client asked for usage (`stream_options.include_usage`). A REST stream's headers leave
+    before its usage exists, so it has no cost header.
+Both are decimal USD with six places; an unpriced model gets neither (its cost is unknown, not zero).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+import orjson
+from prometheus_client.metrics import Counter
+
+from gateway import metrics
+from gateway.config import Config
+from llm_gateway.v1 import chat_pb2
+from service.ledger.base import UsageRecord
+
+from .prices import MICRO, Price, PriceTable, builtin, usd
+
+if TYPE_CHECKING:
+    from service.accounting import RequestRecord
+    from service.ledger.writer import LedgerWriter
+
+COST_HEADER = "x-llm-gateway-cost-usd"
+USAGE_COST_FIELD = "llm_gateway_cost_usd"
+NO_KEY = "none"  # the key label and ledger key name of a call made without a gateway key (auth off)
+
+
+def cached_tokens(usage: chat_pb2.Usage) -> int:
+    """`prompt_tokens_details.cached_tokens`: prompt tokens read from the provider's cache."""
+    if not usage.HasField("prompt_tokens_details"):
+        return 0
+    try:
+        details = orjson.loads(usage.prompt_tokens_details)
+    except orjson.JSONDecodeError:
+        return 0
+    value = details.get("cached_tokens") if isinstance(details, dict) else None
+    return value if type(value) is int and value > 0 else 0
+
+
+def resolve_prices(config: Config, table: PriceTable) -> dict[tuple[str, str], Price | None]:
+    """(model, deployment name) -> its price, or None when neither the config nor the table has one."""
+    resolved: dict[tuple[str, str], Price | None] = {}
+    for name, route in config.models.items():
+        override = Price.parse(route.price, f"models.{name}.price") if route.price is not None else None
+        for deployment in route.deployments:
+            resolved[(name, deployment.name)] = override or table.lookup(deployment.upstream_model)
+    return resolved
+
+
+class SpendMeter:
+    """Prices, cost metrics and the ledger of one ChatCore."""
+
+    def __init__(self, config: Config, ledger: LedgerWriter | None = None, table: PriceTable | None = None) -> None:
+        self.prices = resolve_prices(config, table or builtin())
+        self.ledger = ledger
+        self._cost: dict[tuple[str, str, str], Counter] = {}
+        self._unpriced: dict[tuple[str, str], Counter] = {}
+
+    def price(self, record: RequestRecord) -> Price | None:
+        return self.prices.get((record.served_by, record.deployment))
+
+    def stamp(self, record: RequestRecord, usage: chat_pb2.Usage) -> None:
+        """A stream's usage chunk carries its cost (the only place a REST stream can)."""
+        price = self.price(record)
+        if price is not None:
+            cost = price.cost(usage.prompt_tokens, cached_tokens(usage), usage.completion_tokens)
+            usage.extra[USAGE_COST_FIELD] = usd(cost)  # raw JSON: a number with six decimals
+
+    def settle(self, record: RequestRecord, status: int, elapsed: float) -> None:
+        """Count the request's cost and hand its record to the ledger; runs once, in `finish`."""
+        usage = record.usage
+        route = record.metrics
+        key, team = _caller(record)
+        prompt = cached = completion = cost = 0
+        if usage is not None:
+            prompt, completion = usage.prompt_tokens, usage.completion_tokens
+            cached = cached_tokens(usage)
+            price = self.price(record)
+            if price is None:
+                self._unpriced_counter(route.model, route.provider).inc()
+            else:
+                cost = price.cost(prompt, cached, completion)
+                self._cost_counter(route.model, route.provider, key).inc(cost / MICRO)
+                if status == 200:
+                    record.call.response_metadata[COST_HEADER] = usd(cost)
+        ledger = self.ledger
+        if ledger is not None:
+            ledger.add(
+                UsageRecord(
+                    time.time() - elapsed,
+                    record.request_id,
+                    record.attempts,
+                    "embedding" if record.kind == "embedding" else "chat",
+                    key,
+                    team,
+                    record.model,
+                    record.served_by,
+                    route.provider,
+                    record.deployment,
+                    prompt,
+                    cached,
+                    completion,
+                    record.usage_estimated,
+                    cost,
+                    elapsed * 1000.0,
+                    status,
+                    record.stream,
+                )
+            )
+
+    def _cost_counter(self, model: str, provider: str, key: str) -> Counter:
+        child = self._cost.get((model, provider, key))
+        if child is None:
+            child = self._cost[(model, provider, key)] = metrics.COST.labels(model, provider, key)
+        return child
+
+    def _unpriced_counter(self, model: str, provider: str) -> Counter:
+        child = self._unpriced.get((model, provider))
+        if child is None:
+            child = self._unpriced[(model, provider)] = metrics.UNPRICED.labels(model, provider)
+        return child
+
+    async def close(self) -> None:
+        if self.ledger is not None:
+            await self.ledger.close()
+
+
+def _caller(record: RequestRecord) -> tuple[str, str]:
+    """The gateway key's name and its team (`metadata.team`), or ("none", "") when auth is off."""
+    tenant = record.tenant
+    if tenant is None or not tenant.name:
+        return NO_KEY, ""
+    return tenant.name, tenant.metadata.get("team", "")
