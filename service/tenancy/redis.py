@@ -15,6 +15,7 @@ A bucket's hash expires a minute after it is full again, a pool's set once its l
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -109,6 +110,11 @@ return #KEYS
 _FAILURES = (redis.exceptions.RedisError, OSError, asyncio.TimeoutError)
 
 
+def _unavailable(exc: BaseException) -> StateUnavailable:
+    slow = isinstance(exc, (asyncio.TimeoutError, redis.exceptions.TimeoutError))
+    return StateUnavailable(type(exc).__name__, timeout=slow)
+
+
 class RedisState:
     name = "redis"
 
@@ -137,12 +143,21 @@ class RedisState:
         self._leases: dict[str, Sequence[SlotPool]] = {}
         self.on_failure: Any = None  # set by the failover wrapper: called with the exception
 
+    async def warm(self, connections: int = 4) -> None:
+        """Open a few pooled connections and load the scripts, so that the first requests do not pay a
+        connect and a NOSCRIPT round trip inside their short timeout. Failures are left to the first call."""
+        with contextlib.suppress(*_FAILURES):
+            async with asyncio.timeout(max(1.0, self._timeout)):
+                await asyncio.gather(*(self._redis.ping() for _ in range(connections)))
+                await self._redis.script_load(ADMIT)
+                await self._redis.script_load(RENEW)
+
     async def ping(self) -> None:
         try:
             async with asyncio.timeout(self._timeout):
                 await self._redis.ping()
         except _FAILURES as exc:
-            raise StateUnavailable(type(exc).__name__) from None
+            raise _unavailable(exc) from None
 
     async def admit(self, charges: Charges, pools: Sequence[SlotPool], lease: str) -> Verdict:
         settles, releases = self._settles, self._releases
@@ -164,7 +179,7 @@ class RedisState:
         except _FAILURES as exc:
             # The queued settlements are dropped, never sent twice: leases expire on their own, and a lost
             # refund only errs on the strict side.
-            raise StateUnavailable(type(exc).__name__) from None
+            raise _unavailable(exc) from None
         if int(reply[0]) != 1:
             failed = int(reply[1]) - 1
             if failed < len(charges):
@@ -217,7 +232,7 @@ class RedisState:
                     await self._renew(keys, [self._lease_ms, *(lease for _, lease in held)])
             except _FAILURES as exc:
                 if self.on_failure is not None:
-                    self.on_failure(StateUnavailable(type(exc).__name__))
+                    self.on_failure(_unavailable(exc))
 
     async def charged(self, bucket_id: str) -> float:
         """Net units charged to a bucket while it has not been idle for a minute."""

@@ -69,6 +69,10 @@ class Verdict:
 class StateUnavailable(Exception):
     """The backend could not answer (timeout, connection, server error)."""
 
+    def __init__(self, reason: str, timeout: bool = False) -> None:
+        super().__init__(reason)
+        self.timeout = timeout  # slow rather than gone
+
 
 Charges = Sequence[tuple[Bucket, float]]
 
