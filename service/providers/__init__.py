@@ -6,6 +6,7 @@ from __future__ import annotations
 from gateway.config import ProviderConfig
 
 from .anthropic import AnthropicProvider
+from .azure import AzureProvider
 from .base import Provider
 from .dummy import DummyProvider
 from .openai_compat import OpenAICompatibleProvider
@@ -16,8 +17,17 @@ def build_provider(config: ProviderConfig) -> Provider:
         return DummyProvider(config)
     if config.type == "anthropic":
         return AnthropicProvider(config)
+    if config.type == "azure":
+        return AzureProvider(config)
     # openai, gemini and ollama differ only in how the chat URL derives from api_url.
     return OpenAICompatibleProvider(config)
 
 
-__all__ = ["AnthropicProvider", "DummyProvider", "OpenAICompatibleProvider", "Provider", "build_provider"]
+__all__ = [
+    "AnthropicProvider",
+    "AzureProvider",
+    "DummyProvider",
+    "OpenAICompatibleProvider",
+    "Provider",
+    "build_provider",
+]

@@ -39,22 +39,40 @@ def api_base(config: ProviderConfig) -> str:
     return base
 
 
-def chat_url(config: ProviderConfig) -> str:
-    """The chat completions URL for a provider type and its configured api_url."""
-    return api_base(config) + "/chat/completions"
+# The request heads of one set of URLs: chat, chat streamed, embeddings.
+Heads = tuple[bytes, bytes, bytes]
 
 
 class OpenAICompatibleProvider(HTTPProvider):
     def __init__(self, config: ProviderConfig) -> None:
-        super().__init__(config, chat_url(config))
+        base, query = self._base(config)
+        super().__init__(config, f"{base}/chat/completions{query}")
         headers = {"content-type": "application/json", "accept": "application/json"}
         headers.update((key.lower(), value) for key, value in config.headers.items())
         if config.api_key:
-            headers["authorization"] = f"Bearer {config.api_key}"
-        self._head = self.render_head("POST", self.url, headers)
-        self._stream_head = self.render_head("POST", self.url, {**headers, "accept": "text/event-stream"})
-        # Same origin, so the same pool: only the request target differs.
-        self._embeddings_head = self.render_head("POST", api_base(config) + "/embeddings", headers)
+            headers.update(self._auth(config.api_key))
+        self._headers = headers
+        self._heads = self._render(base, query)
+
+    def _base(self, config: ProviderConfig) -> tuple[str, str]:
+        """The URL the OpenAI paths go under, and the query string that follows them."""
+        return api_base(config), ""
+
+    def _auth(self, api_key: str) -> dict[str, str]:
+        return {"authorization": f"Bearer {api_key}"}
+
+    def _render(self, base: str, query: str) -> Heads:
+        """The heads for the URLs under `base`; the same origin, so the same pool: only the target differs."""
+        headers = self._headers
+        return (
+            self.render_head("POST", f"{base}/chat/completions{query}", headers),
+            self.render_head("POST", f"{base}/chat/completions{query}", {**headers, "accept": "text/event-stream"}),
+            self.render_head("POST", f"{base}/embeddings{query}", headers),
+        )
+
+    def _heads_for(self, upstream_model: str) -> Heads:
+        """The heads for a model: here one set per provider (Azure's deployment URLs name the model)."""
+        return self._heads
 
     async def complete(
         self, request: chat_pb2.CreateChatCompletionRequest, upstream_model: str, call: CallInfo, timeouts: Timeouts
@@ -63,14 +81,14 @@ class OpenAICompatibleProvider(HTTPProvider):
         body["model"] = upstream_model
         if body.get("stream") is True:
             body["stream"] = False
-        return await self._exchange(self._head, body, call, timeouts, _COMPLETION)  # type: ignore[no-any-return]
+        return await self._exchange(self._heads_for(upstream_model)[0], body, call, timeouts, _COMPLETION)  # type: ignore[no-any-return]
 
     async def embed(
         self, request: chat_pb2.CreateEmbeddingRequest, upstream_model: str, call: CallInfo, timeouts: Timeouts
     ) -> chat_pb2.CreateEmbeddingResponse:
         body = _EMBEDDING_REQUEST.encode(request)
         body["model"] = upstream_model
-        return await self._exchange(self._embeddings_head, body, call, timeouts, _EMBEDDINGS)  # type: ignore[no-any-return]
+        return await self._exchange(self._heads_for(upstream_model)[2], body, call, timeouts, _EMBEDDINGS)  # type: ignore[no-any-return]
 
     async def _exchange(
         self, head: bytes, body: dict[str, Any], call: CallInfo, timeouts: Timeouts, codec: MessageCodec[Any]
@@ -85,9 +103,8 @@ class OpenAICompatibleProvider(HTTPProvider):
     def stream(
         self, request: chat_pb2.CreateChatCompletionRequest, upstream_model: str, call: CallInfo, timeouts: Timeouts
     ) -> AsyncIterator[list[chat_pb2.ChatCompletionChunk]]:
-        return self._events(
-            self._stream_head, lambda: _stream_body(request, upstream_model), call, timeouts, self._step
-        )
+        head = self._heads_for(upstream_model)[1]
+        return self._events(head, lambda: _stream_body(request, upstream_model), call, timeouts, self._step)
 
     def _step(self, data: bytes, out: list[chat_pb2.ChatCompletionChunk]) -> bool:
         if data == _DONE:

@@ -17,7 +17,7 @@ import base64
 import struct
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +34,7 @@ class Received:
     headers: dict[str, str]
     body: bytes
     at: float = field(default_factory=time.monotonic)
+    query: str = ""  # the raw query string, without its "?"
 
     @property
     def json(self) -> Any:
@@ -295,7 +296,9 @@ class FakeUpstream:
 
     async def _dispatch(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
-        self.received.append(Received(request.method, request.path, dict(request.headers), body))
+        self.received.append(
+            Received(request.method, request.path, dict(request.headers), body, query=request.query_string)
+        )
         handler = self._script.pop(0) if self._script else self.handler
         assert handler is not None
         return await handler(request)
@@ -329,3 +332,10 @@ class FakeUpstream:
         while not self.received and time.monotonic() < deadline:
             time.sleep(0.01)
         return self.received[-1]
+
+
+def serve() -> Iterator[FakeUpstream]:
+    """A started fake for as long as the generator runs: `pytest.fixture(scope="module")(serve)`."""
+    server = FakeUpstream().start()
+    yield server
+    server.stop()

@@ -4,7 +4,6 @@ translations, event streams cut into network reads at awkward places, and error 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ from service.providers import build_provider
 from service.providers.anthropic import completion, request_body
 from service.retry import retryable
 from tests.fakes import anthropic as fake
-from tests.fakes.upstream import FakeUpstream
+from tests.fakes.upstream import FakeUpstream, serve
 
 REQUEST = MessageCodec.for_type(chat_pb2.CreateChatCompletionRequest)
 COMPLETION = MessageCodec.for_type(chat_pb2.ChatCompletion)
@@ -34,11 +33,7 @@ TOOLS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[FakeUpstream]:
-    server = FakeUpstream().start()
-    yield server
-    server.stop()
+upstream = pytest.fixture(scope="module", name="upstream")(serve)
 
 
 @pytest.fixture(autouse=True)

@@ -18,7 +18,7 @@ import pytest
 from gateway.jsonpb import MessageCodec
 from llm_gateway.v1 import chat_pb2, chat_pb2_grpc
 from tests.fakes import anthropic as fake
-from tests.fakes.upstream import FakeUpstream
+from tests.fakes.upstream import FakeUpstream, serve
 from tests.harness import GatewayProcess
 from tests.rest_facade.rest import post, sse_events, sse_json
 
@@ -46,11 +46,7 @@ def config(upstream: FakeUpstream, **routing: Any) -> dict[str, Any]:
     }
 
 
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[FakeUpstream]:
-    server = FakeUpstream().start()
-    yield server
-    server.stop()
+upstream = pytest.fixture(scope="module", name="upstream")(serve)
 
 
 @pytest.fixture(autouse=True)
