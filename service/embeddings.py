@@ -39,7 +39,7 @@ ENCODING_FORMATS = ("float", "base64")
 async def create(
     core: ChatCore, request: chat_pb2.CreateEmbeddingRequest, call: CallInfo
 ) -> chat_pb2.CreateEmbeddingResponse:
-    record = RequestRecord(call, request.model, stream=False, kind="embedding")
+    record = RequestRecord(call, request.model, stream=False, kind="embedding", meter=core.spend)
     spans = RequestSpans(tracing.TRACER, "CreateEmbedding", request, call) if tracing.TRACER else None
     response: chat_pb2.CreateEmbeddingResponse | None = None
     try:
