@@ -3,21 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import multiprocessing
-import os
 import signal
 import sys
-import tempfile
-import time
 from dataclasses import replace
+from functools import partial
+from typing import Any
 
 import uvloop
 
 from . import logs
 from .config import Config, ConfigError, KeyLimits, load
-
-# Seconds past shutdown_delay + shutdown_grace after which a worker that has not exited is killed.
-_KILL_MARGIN = 10.0
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -50,7 +45,10 @@ def _apply_flags(config: Config, args: argparse.Namespace) -> Config:
     return replace(config, server=server)
 
 
-def _worker(config: Config, grpc_only: bool) -> None:
+def _worker(config: Config, grpc_only: bool, reloads: Any = None, prepare: Any = None) -> None:
+    """One worker; `reloads` is its pipe from the main process, `prepare` is set when it is the only one."""
+    if reloads is not None:
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the main process reloads, and tells the workers
     logs.configure(config.log_level)
     for provider in config.providers.values():
         logs.add_secret(provider.api_key)
@@ -60,7 +58,7 @@ def _worker(config: Config, grpc_only: bool) -> None:
     tracing.configure()
     try:
         # uvloop (also Sanic's choice) costs about 8% less CPU per request than asyncio's own loop here.
-        uvloop.run(serve(config, grpc_only=grpc_only))
+        uvloop.run(serve(config, grpc_only=grpc_only, reloads=reloads, prepare=prepare))
     finally:
         tracing.shutdown()
 
@@ -90,14 +88,17 @@ def main(argv: list[str] | None = None) -> int:
         workers=srv.workers,
         models=sorted(config.models),
     )
+    prepare = partial(_apply_flags, args=args)  # a reloaded file gets the same flags
     if srv.workers == 1:
         try:
-            _worker(config, args.grpc_only)
+            _worker(config, args.grpc_only, prepare=prepare)
         except OSError as exc:
             log.error("cannot start", error=str(exc))
             return 1
         return 0
-    return _supervise(config, args.grpc_only)
+    from .supervisor import supervise
+
+    return supervise(config, args.grpc_only, prepare, _worker)
 
 
 def _tenancy_notes(config: Config, log: logs.Logger) -> None:
@@ -126,47 +127,6 @@ def _loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-
-
-def _supervise(config: Config, grpc_only: bool) -> int:
-    """Run N workers that share the ports (SO_REUSEPORT). SIGTERM or SIGINT is passed on to them, and
-    they drain (see runner); a repeated signal is passed on too, which a draining worker ignores, so
-    it never cuts streams short. A worker still alive well after its drain should be over is killed."""
-    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        # Workers keep metric values in shared files here, so /metrics on any worker shows the sum.
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="llm-gateway-metrics-")
-    context = multiprocessing.get_context("spawn")
-    workers = [
-        context.Process(target=_worker, args=(config, grpc_only), name=f"worker-{i}")
-        for i in range(config.server.workers)
-    ]
-    for process in workers:
-        process.start()
-    give_up: list[float] = []
-
-    def stop(signum: int, _frame: object) -> None:
-        if not give_up:
-            srv = config.server
-            give_up.append(time.monotonic() + srv.shutdown_delay + srv.shutdown_grace + _KILL_MARGIN)
-        for process in workers:
-            if process.pid is not None and process.is_alive():
-                os.kill(process.pid, signal.SIGTERM)
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    killed = False
-    for process in workers:
-        while process.is_alive():
-            process.join(0.2)
-            if give_up and time.monotonic() > give_up[0] and process.is_alive():
-                logs.get_logger("cli").error("worker did not stop after its drain; killing it", pid=process.pid)
-                process.kill()
-                killed = True
-        if process.pid is not None:
-            from .metrics import mark_worker_dead
-
-            mark_worker_dead(process.pid)
-    return 1 if killed else max((process.exitcode or 0) for process in workers)
 
 
 if __name__ == "__main__":

@@ -259,14 +259,19 @@ def load(path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] 
         text = Path(chosen).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"config file {chosen}: {exc.strerror}") from None
+    return load_text(text, str(chosen), env)
+
+
+def load_text(text: str, source: str, environ: Mapping[str, str]) -> Config:
+    """The config in `text`, the contents of the file `source` (a reload parses the bytes it hashed)."""
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or "cannot be parsed"
-        raise ConfigError(f"config file {chosen}: invalid YAML{where}: {problem}") from None
-    return parse(data if data is not None else {}, env, source=str(chosen))
+        raise ConfigError(f"config file {source}: invalid YAML{where}: {problem}") from None
+    return parse(data if data is not None else {}, environ, source=source)
 
 
 # The top-level sections parse() reads; any other top-level key is refused (a typo such as `modles:`,

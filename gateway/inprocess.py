@@ -19,16 +19,23 @@ def _snake(name: str) -> str:
 
 class InProcessBackend:
     def __init__(self, core: Any, service: ServiceDescriptor) -> None:
-        self._core = core
-        self._unary: dict[str, Callable[..., Any]] = {}
-        self._stream: dict[str, Callable[..., Any]] = {}
+        self._service = service
+        self.swap(core)
+
+    def swap(self, core: Any) -> None:
+        """New calls go to `core` (a config reload); calls in flight finish on the one they started on.
+        The tables are built aside and put in place together, so a request never sees half of them."""
+        unary: dict[str, Callable[..., Any]] = {}
+        stream: dict[str, Callable[..., Any]] = {}
+        service = self._service
         for method in service.methods:
             # Not every RPC has its own coroutine: StreamChatCompletionBatches is a gRPC-only view of
             # StreamChatCompletion, whose coroutine already yields batches.
             implementation = getattr(core, _snake(method.name), None)
             if implementation is not None:
-                table = self._stream if method.server_streaming else self._unary
+                table = stream if method.server_streaming else unary
                 table[f"/{service.full_name}/{method.name}"] = implementation
+        self._core, self._unary, self._stream = core, unary, stream
 
     async def unary(self, method: str, request: Message, call: CallInfo) -> Message:
         result: Message = await self._unary[method](request, call)

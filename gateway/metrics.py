@@ -300,3 +300,16 @@ STATE_BACKEND_ERRORS = Counter(
     "Failed or timed-out calls to the shared state backend.",
     ("backend",),
 )
+
+# Config reloads, counted by the process that validates them (the main one): once per reload, not per worker.
+CONFIG_RELOADS = Counter(
+    "llm_gateway_config_reloads",
+    "Config reloads by result: applied, rejected (invalid; the old config kept serving) or unchanged.",
+    ("result",),
+)
+CONFIG_INFO = Gauge(
+    "llm_gateway_config_info",
+    "1 for the SHA-256 of the config file in force (0 for those it replaced).",
+    ("sha256",),
+    multiprocess_mode="livemax",
+)

@@ -47,6 +47,8 @@ class ChatCore:
         self._default_timeout = config.server.request_timeout
         self._drain = config.server.drain_cancelled_streams
         self._draining: set[asyncio.Task[None]] = set()
+        # Calls being served; a core that a config reload replaced is closed once this is 0 (service/live.py).
+        self.in_flight = 0
         self.tenancy = Tenancy.build(config)
         self.spend = SpendMeter(config, writer_for(config.usage))  # prices resolved once; the ledger's writer
         usage_estimate.warm()
@@ -64,6 +66,7 @@ class ChatCore:
         record = RequestRecord(call, request.model, stream=False, meter=self.spend)
         spans = RequestSpans(tracing.TRACER, "CreateChatCompletion", request, call) if tracing.TRACER else None
         response: chat_pb2.ChatCompletion | None = None
+        self.in_flight += 1
         try:
             _validate(request)
             if self.tenancy is not None:  # key, model access and limits, before any routing
@@ -81,6 +84,7 @@ class ChatCore:
         except BaseException as exc:
             raise record.failed(exc) from None
         finally:
+            self.in_flight -= 1
             record.finish()
             if spans is not None:
                 reasons = tuple(c.finish_reason for c in response.choices) if response is not None else ()
@@ -131,6 +135,7 @@ class ChatCore:
         response_model, reasons = "", list[str]()
         handed_off = False
         seen: list[list[chat_pb2.ChatCompletionChunk]] = []  # every batch, counted only if no usage arrives
+        self.in_flight += 1
         try:
             _validate(request)
             if self.tenancy is not None:  # key, model access and limits, before any routing
@@ -200,6 +205,7 @@ class ChatCore:
         except BaseException as exc:
             raise record.failed(exc) from None
         finally:
+            self.in_flight -= 1
             if not handed_off:
                 if record.usage is None and seen:  # failed mid-stream: what streamed is still counted
                     usage_estimate.settle_stream(record, request, seen)
@@ -344,7 +350,11 @@ class ChatCore:
     async def create_embedding(
         self, request: chat_pb2.CreateEmbeddingRequest, call: CallInfo
     ) -> chat_pb2.CreateEmbeddingResponse:
-        return await embeddings.create(self, request, call)
+        self.in_flight += 1
+        try:
+            return await embeddings.create(self, request, call)
+        finally:
+            self.in_flight -= 1
 
     # ------------------------------------------------------------------ models
 

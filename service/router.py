@@ -65,6 +65,14 @@ class Router:
     def list_models(self) -> chat_pb2.ListModelsResponse:
         return self._models
 
+    @property
+    def providers(self) -> dict[str, Provider]:
+        return self._providers
+
+    def hand_over(self, names: set[str]) -> None:
+        """These providers now belong to a successor (a reload kept them): close() leaves them open."""
+        self._providers = {name: p for name, p in self._providers.items() if name not in names}
+
     async def close(self) -> None:
         for provider in self._providers.values():
             await provider.close()

@@ -66,9 +66,12 @@ class WorkerStack:
                 process.process.wait(5)
 
 
-def start_workers(mode: str, config: dict[str, Any], workdir: Path, workers: int = 2) -> WorkerStack:
-    """Start the stack and wait until every worker of every process listens."""
-    many = ("--workers", str(workers))
+def start_workers(
+    mode: str, config: dict[str, Any] | None, workdir: Path, workers: int = 2, config_file: Path | None = None
+) -> WorkerStack:
+    """Start the stack and wait until every worker of every process listens. With `config_file`, every
+    process reads that one file (as containers mounting one ConfigMap), else each gets a copy of `config`."""
+    many = ("--workers", str(workers), *(("--config", str(config_file)) if config_file is not None else ()))
     if mode == "inprocess":
         both = GatewayProcess(config, workdir, args=many).start()
         stack = WorkerStack(mode, workers, both, both)

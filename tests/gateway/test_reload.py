@@ -1,0 +1,255 @@
+"""Hot config reload with 2 workers, in both process modes: SIGHUP and the watch of the config's
+directory (a Kubernetes ConfigMap's `..data` symlink swap included), validation before anything
+changes, every worker on the same new config, calls in flight finishing on the old one."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.fakes.upstream import FakeUpstream, chunks, completion
+from tests.harness import GatewayProcess
+from tests.rest_facade.rest import call, open_request, post, sse_json
+from tests.rest_facade.stacks import MODES, WorkerStack, start_workers
+
+SECRET = "sk-reload-secret-0123456789"
+NEW_SECRET = "sk-reload-secret-new-9876543210"
+PIECES = tuple(f"p{i} " for i in range(8))
+
+
+def base_config(fake: FakeUpstream) -> dict[str, Any]:
+    return {
+        "server": {"request_timeout": 30},
+        "logging": {"level": "DEBUG"},  # each worker says at DEBUG that it applied a reload
+        "routing": {"retries": 0},
+        "providers": {"openai": {"api_key": SECRET, "api_url": f"{fake.url}/v1", "is_openai_compatible": True}},
+        "models": {"gpt-4o": "openai", "gpt-4o-mini": "openai"},
+    }
+
+
+@pytest.fixture(scope="module")
+def fake() -> Iterator[FakeUpstream]:
+    server = FakeUpstream().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(autouse=True)
+def reset(fake: FakeUpstream) -> None:
+    fake.received.clear()
+    fake.reply(200, completion())
+
+
+@pytest.fixture(params=MODES)
+def mode(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def stacks() -> Iterator[list[WorkerStack]]:
+    started: list[WorkerStack] = []
+    yield started
+    for stack in started:
+        stack.signal(signal.SIGTERM)
+        assert stack.wait() == [0] * len(stack.processes)
+
+
+def start(
+    mode: str, config: dict[str, Any] | None, tmp_path: Path, stacks: list[WorkerStack], path: Path | None = None
+) -> WorkerStack:
+    """Both processes of the remote mode read the one file, as two containers mounting one ConfigMap."""
+    if path is None:
+        path = tmp_path / "config.yml"
+        path.write_text(yaml.safe_dump(config))
+    stack = start_workers(mode, None, tmp_path, config_file=path)
+    stack.service.config_path = path
+    stacks.append(stack)
+    return stack
+
+
+def config_path(stack: WorkerStack) -> Path:
+    assert stack.service.config_path is not None
+    return stack.service.config_path
+
+
+def rewrite(path: Path, config: dict[str, Any]) -> None:
+    """Replace the file in one step, as editors and `kubectl` do: a watcher never reads half of it."""
+    scratch = path.with_name(f".{path.name}.new")
+    scratch.write_text(yaml.safe_dump(config))
+    os.replace(scratch, path)
+
+
+def models(stack: WorkerStack) -> set[str]:
+    reply = call(stack.base_url, "GET", "/v1/models")
+    assert reply.status == 200, reply.body
+    return {model["id"] for model in reply.json["data"]}
+
+
+def wait_applied(stack: WorkerStack, reloads: int) -> None:
+    """Until every process has logged `reloads` reloads and each of its workers applied them."""
+    stack.wait_logs("config reloaded", reloads * len(stack.processes))
+    stack.wait_logs("config applied", reloads * stack.workers * len(stack.processes))
+
+
+def metric(stack: WorkerStack, line_start: str) -> float:
+    text = call(stack.base_url, "GET", "/metrics").body.decode()
+    values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(line_start)]
+    assert len(values) == 1, (line_start, text)
+    return values[0]
+
+
+def test_add_then_remove_a_model_every_worker_agrees(
+    mode: str, fake: FakeUpstream, tmp_path: Path, stacks: list[WorkerStack]
+) -> None:
+    config = base_config(fake)
+    stack = start(mode, config, tmp_path, stacks)
+    assert models(stack) == {"gpt-4o", "gpt-4o-mini", "dummy"}
+
+    config["models"]["gpt-4o-added"] = {"provider": "openai", "model": "gpt-4o-2024-11-20"}
+    rewrite(config_path(stack), config)
+    wait_applied(stack, 1)
+    # Each request on a new connection, which the kernel hands to either worker: all of them agree.
+    for _ in range(10):
+        assert models(stack) == {"gpt-4o", "gpt-4o-mini", "gpt-4o-added", "dummy"}
+    assert (
+        post(stack.base_url, {"model": "gpt-4o-added", "messages": [{"role": "user", "content": "hi"}]}).status == 200
+    )
+    assert fake.received[-1].json["model"] == "gpt-4o-2024-11-20"
+
+    del config["models"]["gpt-4o-mini"]
+    rewrite(config_path(stack), config)
+    wait_applied(stack, 2)
+    for _ in range(10):
+        assert models(stack) == {"gpt-4o", "gpt-4o-added", "dummy"}
+        gone = post(stack.base_url, {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]})
+        assert gone.status == 404 and gone.error["code"] == "model_not_found"
+
+    reports = [line for line in stack.service.log_lines() if line["msg"] == "config reloaded"]
+    assert [r["trigger"] for r in reports] == ["watch", "watch"]
+    assert reports[0]["models_added"] == ["gpt-4o-added"] and reports[1]["models_removed"] == ["gpt-4o-mini"]
+    assert metric(stack, 'llm_gateway_config_reloads_total{result="applied"}') == 2
+
+
+def test_stream_in_flight_across_a_reload_finishes_intact(
+    mode: str, fake: FakeUpstream, tmp_path: Path, stacks: list[WorkerStack]
+) -> None:
+    config = base_config(fake)
+    stack = start(mode, config, tmp_path, stacks)
+    fake.stream(chunks(PIECES), delay=0.3)
+    with open_request(
+        stack.base_url, {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    ) as conn:
+        response = conn.getresponse()
+        assert response.status == 200
+        first = response.readline() + response.readline()
+        # The stream's model and provider both go away, and a SIGHUP reloads at once.
+        config["providers"] = {"other": {"api_url": f"{fake.url}/v2", "is_openai_compatible": True}}
+        config["models"] = {"gpt-4o-mini": "other"}
+        rewrite(config_path(stack), config)
+        stack.signal(signal.SIGHUP)
+        wait_applied(stack, 1)
+        fake.reply(200, completion())
+        assert post(stack.base_url, {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}).status == 404
+        rest = response.read()
+    events = sse_json(first + rest)
+    assert "".join(e["choices"][0]["delta"].get("content", "") for e in events if e["choices"]) == "".join(PIECES)
+    assert not any("error" in e for e in events)
+    assert post(stack.base_url, {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}).status == 200
+    assert fake.received[-1].path == "/v2/chat/completions"
+
+
+def test_a_bad_config_is_rejected_and_the_old_one_keeps_serving(
+    mode: str, fake: FakeUpstream, tmp_path: Path, stacks: list[WorkerStack]
+) -> None:
+    config = base_config(fake)
+    stack = start(mode, config, tmp_path, stacks)
+    bad = {**config, "models": {**config["models"], "typo": {"provider": "opneai"}}}
+    rewrite(config_path(stack), bad)
+    stack.wait_logs("config reload rejected; the old config keeps serving", len(stack.processes))
+    rejected = [line for p in stack.processes for line in p.log_lines() if line["msg"].startswith("config reload rej")]
+    assert all("models.typo" in line["error"] and "opneai" in line["error"] for line in rejected)
+    for _ in range(4):
+        assert models(stack) == {"gpt-4o", "gpt-4o-mini", "dummy"}
+        assert post(stack.base_url, {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}).status == 200
+    assert metric(stack, 'llm_gateway_config_reloads_total{result="rejected"}') == 1
+    assert metric(stack, 'llm_gateway_config_reloads_total{result="applied"}') == 0
+
+    # Fixed, with a change that needs a restart too: the rest applies, that key keeps its value.
+    fixed = {
+        **config,
+        "server": {**config["server"], "max_body_bytes": 1000},
+        "providers": {"openai": {**config["providers"]["openai"], "api_key": NEW_SECRET}},
+    }
+    rewrite(config_path(stack), fixed)
+    wait_applied(stack, 1)
+    report = next(line for line in stack.service.log_lines() if line["msg"] == "config reloaded")
+    assert report["level"] == "WARN"
+    assert report["needs_a_restart"] == ["server.max_body_bytes"] and report["providers_changed"] == ["openai"]
+    assert post(stack.base_url, {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}).status == 200
+    assert fake.received[-1].headers["Authorization"] == f"Bearer {NEW_SECRET}"
+    for process in stack.processes:
+        assert SECRET not in process.log_text() and NEW_SECRET not in process.log_text()
+
+
+def test_configmap_symlink_swap_is_picked_up(
+    mode: str, fake: FakeUpstream, tmp_path: Path, stacks: list[WorkerStack]
+) -> None:
+    """Kubernetes' layout: config.yml -> ..data/config.yml, ..data -> ..<timestamp>; an update writes a
+    new timestamped directory and renames a new ..data over the old one."""
+    mount = tmp_path / "mount"
+    config = base_config(fake)
+    (mount / "..2026_12_01_10_00_00.1").mkdir(parents=True)
+    (mount / "..2026_12_01_10_00_00.1" / "config.yml").write_text(yaml.safe_dump(config))
+    (mount / "..data").symlink_to("..2026_12_01_10_00_00.1")
+    (mount / "config.yml").symlink_to("..data/config.yml")
+    stack = start(mode, None, tmp_path, stacks, path=mount / "config.yml")
+
+    config["models"]["from-configmap"] = "openai"
+    (mount / "..2026_12_01_10_02_00.2").mkdir()
+    (mount / "..2026_12_01_10_02_00.2" / "config.yml").write_text(yaml.safe_dump(config))
+    (mount / "..data_tmp").symlink_to("..2026_12_01_10_02_00.2")
+    os.replace(mount / "..data_tmp", mount / "..data")
+    shutil.rmtree(mount / "..2026_12_01_10_00_00.1")
+    wait_applied(stack, 1)
+    for _ in range(6):
+        assert "from-configmap" in models(stack)
+
+
+def test_sighup_without_a_change_counts_unchanged(
+    mode: str, fake: FakeUpstream, tmp_path: Path, stacks: list[WorkerStack]
+) -> None:
+    stack = start(mode, base_config(fake), tmp_path, stacks)
+    sha = hashlib.sha256(config_path(stack).read_bytes()).hexdigest()
+    assert metric(stack, f'llm_gateway_config_info{{sha256="{sha}"}}') == 1
+    stack.signal(signal.SIGHUP)
+    stack.wait_logs("config unchanged", len(stack.processes))
+    assert metric(stack, 'llm_gateway_config_reloads_total{result="unchanged"}') == 1
+    assert metric(stack, 'llm_gateway_config_reloads_total{result="applied"}') == 0
+    assert stack.count_logs("config applied") == 0
+    assert models(stack) == {"gpt-4o", "gpt-4o-mini", "dummy"}
+
+
+def test_watch_config_false_leaves_file_changes_to_sighup(fake: FakeUpstream, tmp_path: Path) -> None:
+    config = base_config(fake)
+    config["server"]["watch_config"] = False
+    gateway = GatewayProcess(config, tmp_path).start()
+    try:
+        assert gateway.config_path is not None
+        config["models"]["later"] = "openai"
+        rewrite(gateway.config_path, config)
+        assert gateway.process is not None
+        gateway.process.send_signal(signal.SIGHUP)
+        report = gateway.wait_log(lambda line: line["msg"] == "config reloaded")
+        assert report["trigger"] == "SIGHUP" and report["models_added"] == ["later"]
+        assert "later" in {m["id"] for m in call(gateway.base_url, "GET", "/v1/models").json["data"]}
+        assert not any(line["msg"] == "watching the config directory" for line in gateway.log_lines())
+    finally:
+        assert gateway.stop() == 0
