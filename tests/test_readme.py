@@ -54,6 +54,8 @@ def test_curl_snippets(gateway: GatewayProcess, code: str) -> None:
         events = [line[len("data: ") :] for line in result.stdout.splitlines() if line.startswith("data: ")]
         assert events[-1] == "[DONE]"
         assert all("choices" in orjson.loads(event) for event in events[:-1])
+    elif "/v1/embeddings" in code:
+        assert all(len(item["embedding"]) == 8 for item in orjson.loads(result.stdout)["data"])
     else:
         assert orjson.loads(result.stdout)["choices"][0]["message"]["content"]
 
