@@ -234,12 +234,13 @@ FALLBACKS = Counter(
     ("model", "fallback"),
 )
 
-# Spend and the usage ledger. `key` is the gateway key's name ("none" when auth is off); money is a
-# float here only because Prometheus counters are: the ledger holds integer micro-dollars.
+# Spend and the usage ledger. `key` is the gateway key's name ("none" when auth is off), `team` its
+# metadata.team ("none" without one); money is a float here only because Prometheus counters are:
+# the ledger holds integer micro-dollars.
 COST = Counter(
     "llm_gateway_cost_usd",
     "Cost of the upstream usage in USD, from the price table or the model's configured price.",
-    ("model", "provider", "key"),
+    ("model", "provider", "key", "team"),
 )
 UNPRICED = Counter(
     "llm_gateway_unpriced_requests",

@@ -32,6 +32,16 @@ def require_tool(name: str, package: str) -> str:
     return path
 
 
+# The Operations dashboard's per-key row: it needs keys, limits and Redis to have data, which
+# test_prometheus_keys.py sets up (test_prometheus.py's gateway has none of them).
+KEY_PANEL_TITLES = (
+    "Requests / s by key",
+    "Tokens / s by key",
+    "Rate limited (429) / s by key",
+    "State backend (Redis)",
+)
+
+
 def load_dashboard(path: Path) -> dict[str, Any]:
     dashboard: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
     return dashboard
