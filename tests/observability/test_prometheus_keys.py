@@ -114,7 +114,9 @@ def test_the_per_key_row_against_prometheus(
         ("tight", "completion"): UNARY_USAGE[1],
     }
     limited = prometheus.vector("sum by (key, scope, kind) (llm_gateway_rate_limited_total)")
-    assert {tuple(v for _, v in k): n for k, n in limited.items() if n} == {("tight", "requests", "key"): 3}  # key, kind, scope
+    assert {tuple(v for _, v in k): n for k, n in limited.items() if n} == {
+        ("tight", "requests", "key"): 3
+    }  # key, kind, scope
     assert prometheus.scalar('min(llm_gateway_state_backend_up{backend="redis"})') == 1
 
     dashboard = load_dashboard(OPERATIONS)
