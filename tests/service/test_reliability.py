@@ -11,6 +11,7 @@ from typing import Any
 import grpc
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.jsonpb import MessageCodec
 from llm_gateway.v1 import chat_pb2, chat_pb2_grpc
@@ -65,6 +66,16 @@ def _unary(
 ) -> tuple[chat_pb2.ChatCompletion, dict[str, str]]:
     response, call = stub.CreateChatCompletion.with_call(request, timeout=timeout)
     return response, dict(call.initial_metadata())
+
+
+def _deployment_state(gateway: GatewayProcess, model: str, deployment: str) -> float:
+    families = text_string_to_metric_families(httpx.get(f"{gateway.base_url}/metrics", timeout=10).text)
+    return next(
+        sample.value
+        for family in families
+        for sample in family.samples
+        if sample.name == "llm_gateway_deployment_state" and sample.labels == {"model": model, "deployment": deployment}
+    )
 
 
 def _served(metadata: dict[str, str]) -> tuple[str, str, str]:
@@ -252,14 +263,13 @@ def test_seed_config_three_503s_then_the_upstream_recovers_the_next_request_succ
     assert first.status_code == 503
     assert first.json()["error"]["message"] == "overloaded"  # the upstream's own error
     assert len(upstream.received) == 3
-    state = 'llm_gateway_deployment_state{deployment="openai/gpt-4o-mini",model="gpt-4o-mini"}'
-    assert f"{state} 1.0" in httpx.get(f"{gateway.base_url}/metrics").text  # cooling down
+    assert _deployment_state(gateway, "gpt-4o-mini", "openai/gpt-4o-mini") == 1  # cooling down
 
     second = httpx.post(url, json=body, timeout=30)
     assert second.status_code == 200, second.text
     assert ("data: [DONE]" in second.text) if stream else second.json()["choices"][0]["message"]["content"]
     assert len(upstream.received) == 4
-    assert f"{state} 0.0" in httpx.get(f"{gateway.base_url}/metrics").text  # the trial closed the breaker
+    assert _deployment_state(gateway, "gpt-4o-mini", "openai/gpt-4o-mini") == 0  # the trial closed the breaker
 
 
 def test_cooldown_keeps_avoiding_a_failing_deployment_while_another_is_healthy(
