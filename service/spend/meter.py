@@ -91,7 +91,7 @@ class SpendMeter:
                 self._unpriced_counter(route.model, route.provider).inc()
             else:
                 cost = price.cost(prompt, cached, completion)
-                self._cost_counter(route.model, route.provider, key).inc(cost / MICRO)
+                self._cost_counter(route.model, route.provider, key, team).inc(cost / MICRO)
                 if status == 200:
                     record.call.response_metadata[COST_HEADER] = usd(cost)
         ledger = self.ledger
@@ -119,10 +119,10 @@ class SpendMeter:
                 )
             )
 
-    def _cost_counter(self, model: str, provider: str, key: str) -> Counter:
+    def _cost_counter(self, model: str, provider: str, key: str, team: str) -> Counter:
         child = self._cost.get((model, provider, key))
-        if child is None:
-            child = self._cost[(model, provider, key)] = metrics.COST.labels(model, provider, key)
+        if child is None:  # a key has one team: (model, provider, key) is enough to find the child
+            child = self._cost[(model, provider, key)] = metrics.COST.labels(model, provider, key, team or NO_KEY)
         return child
 
     def _unpriced_counter(self, model: str, provider: str) -> Counter:

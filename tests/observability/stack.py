@@ -17,7 +17,11 @@ DOCKERIGNORE = ROOT / ".dockerignore"
 PROMETHEUS_CONFIG = ROOT / "prometheus" / "prometheus.yml"
 GRAFANA_PROVISIONING = ROOT / "grafana" / "provisioning"
 GRAFANA_DASHBOARDS = ROOT / "grafana" / "dashboards"
-DASHBOARD_FILES = (GRAFANA_DASHBOARDS / "llm-gateway-tokens.json", GRAFANA_DASHBOARDS / "llm-gateway-operations.json")
+DASHBOARD_FILES = (
+    GRAFANA_DASHBOARDS / "llm-gateway-tokens.json",
+    GRAFANA_DASHBOARDS / "llm-gateway-operations.json",
+    GRAFANA_DASHBOARDS / "llm-gateway-spend.json",
+)
 
 
 def require_tool(name: str, package: str) -> str:

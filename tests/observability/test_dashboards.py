@@ -12,7 +12,7 @@ import pytest
 
 from tests.observability.stack import DASHBOARD_FILES, GRAFANA_DASHBOARDS, expressions, load_dashboard, panels
 
-TOKENS, OPERATIONS = DASHBOARD_FILES
+TOKENS, OPERATIONS, SPEND = DASHBOARD_FILES
 GRID_WIDTH = 24
 _RANGE = re.compile(r"(?<=[}\w)])\[([^\]]+)\]")  # range selectors, not regex classes in quotes
 _VARIABLE = re.compile(r"\$(?:\{(\w+)(?::\w+)?\}|(\w+))")
@@ -33,7 +33,7 @@ def exprs(panel: dict[str, Any]) -> list[str]:
     return [target["expr"] for target in panel["targets"]]
 
 
-def test_only_the_two_dashboards_are_provisioned() -> None:
+def test_only_the_listed_dashboards_are_provisioned() -> None:
     assert sorted(GRAFANA_DASHBOARDS.glob("*.json")) == sorted(DASHBOARD_FILES)
     uids = [load_dashboard(path)["uid"] for path in DASHBOARD_FILES]
     assert len(set(uids)) == len(uids)
@@ -132,3 +132,22 @@ def test_operations_dashboard_covers_the_operations_metrics() -> None:
     assert covered("rate(llm_gateway_upstream_errors_total{", "type"), "upstream errors by type"
     assert covered("llm_gateway_grpc_server_handled_total", "grpc_method, grpc_code"), "gRPC calls by method and code"
     assert covered("llm_gateway_grpc_server_handling_seconds_bucket"), "gRPC latency"
+
+
+def test_spend_dashboard_shows_cost_by_model_key_and_team_and_unpriced_requests() -> None:
+    dashboard = load_dashboard(SPEND)
+    assert dashboard["title"] == "LLM Gateway Spend"
+    panels_by_title = by_title(dashboard)
+    for label in ("model", "key", "team"):
+        rate = panels_by_title[f"Spend per hour by {label}"]
+        assert rate["type"] == "timeseries"
+        assert exprs(rate)[0].startswith(f"sum by ({label}) (rate(llm_gateway_cost_usd_total{{")
+        assert rate["fieldConfig"]["defaults"]["unit"] == "currencyUSD"
+        bars = panels_by_title[f"Cumulative cost by {label}"]
+        (target,) = bars["targets"]
+        assert target["expr"].startswith(f"sum by ({label}) (llm_gateway_cost_usd_total{{")
+        assert target["instant"] and target["format"] == "table" and bars["options"]["xField"] == label
+    all_exprs = [expr for _, expr in expressions(dashboard)]
+    assert any("llm_gateway_unpriced_requests_total" in e for e in all_exprs), "unpriced requests"
+    assert any("llm_gateway_ledger_buffered" in e for e in all_exprs), "the ledger's buffer"
+    assert {v["name"] for v in dashboard["templating"]["list"]} == {"model", "provider", "key", "team"}

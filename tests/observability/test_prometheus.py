@@ -31,6 +31,7 @@ import yaml
 
 from gateway.jsonpb import MessageCodec
 from llm_gateway.v1 import chat_pb2, chat_pb2_grpc
+from service.spend import builtin
 from tests.fakes.upstream import FakeUpstream
 from tests.harness import GatewayProcess, free_port
 from tests.observability.stack import DASHBOARD_FILES, KEY_PANEL_TITLES, expressions, load_dashboard, require_tool
@@ -239,6 +240,18 @@ def grouped(sent: list[Sent], labels: str, kind: str) -> dict[tuple[str, ...], f
 # ---------------------------------------------------------------------------------------------- dashboards
 
 _CUMULATIVE_TOKENS = re.compile(r"^sum by \(([\w, ]+)\) \(llm_gateway_(\w+)_tokens_total\b")
+_CUMULATIVE_COST = re.compile(r"^sum by \((\w+)\) \(llm_gateway_cost_usd_total\b")
+
+
+def expected_cost(sent: list[Sent], label: str) -> dict[tuple[str, ...], float]:
+    """USD by model (or by key and team: "none", auth is off), from the built-in prices; unpriced models have none."""
+    micro: Counter[tuple[str, ...]] = Counter()
+    for request in sent:
+        price = builtin().lookup(request.model)
+        if request.usage is not None and price is not None:
+            prompt, completion, _ = request.usage
+            micro[(request.model,) if label == "model" else ("none",)] += price.cost(prompt, 0, completion)
+    return {labels: value / 1_000_000 for labels, value in micro.items()}
 
 
 def cumulative_tokens(answer: dict[str, Any], labels: str) -> dict[tuple[str, ...], float]:
@@ -352,6 +365,11 @@ def test_every_dashboard_query_returns_data_and_token_totals_are_exact(
                     labels, kind = cumulative.groups()
                     assert cumulative_tokens(answer, labels) == grouped(sent, labels, kind), f"{path.name}: {title}"
                     cumulative_checked += 1
+                cost = _CUMULATIVE_COST.search(query)
+                if cost and "[" not in query:  # a cumulative cost panel: the usage times the prices
+                    label = cost.group(1)
+                    assert cumulative_tokens(answer, label) == pytest.approx(expected_cost(sent, label)), title
+                    cumulative_checked += 1
                 checked += 1
             for variable in dashboard["templating"]["list"]:
                 match = re.fullmatch(r"label_values\((.+),\s*(\w+)\)", variable["query"])
@@ -362,7 +380,7 @@ def test_every_dashboard_query_returns_data_and_token_totals_are_exact(
                 if variable["name"] == "model":
                     assert {"gpt-4o", "llama3.2"} <= set(values["data"])
         assert checked >= 20
-        assert cumulative_checked == 2, "the token dashboard's two cumulative panels"
+        assert cumulative_checked == 5, "the token dashboard's two cumulative panels, the spend dashboard's three"
     finally:
         broken.stop()
     assert time.monotonic() - started < 60
