@@ -360,3 +360,39 @@ def test_postgresql_away_mid_run_then_back_every_record_arrives(
     assert sum(line["msg"] == "usage ledger reachable again" for line in lines) == 1
     assert all("password" not in str(line) for line in lines)
     assert gateway.stop() == 0
+
+
+def test_with_keys_the_ledger_and_the_cost_metric_name_the_key_and_its_team(
+    chat_upstream: Upstream,
+    broken: FakeUpstream,
+    gateway_factory: Callable[..., GatewayProcess],
+    tmp_path: Path,
+) -> None:
+    database = f"sqlite:///{tmp_path}/usage.db"
+    config = gateway_config(chat_upstream, broken, database)
+    secret = "sk-gw-search-7c1e5a9b3d"
+    config["auth"] = {"keys": [{"name": "search", "key": secret, "metadata": {"team": "search-team"}}]}
+    gateway = gateway_factory(config)
+    rid, refused = request_id(), request_id()
+    reply = httpx.post(
+        f"{gateway.base_url}/v1/chat/completions",
+        json=chat("gpt-4o"),
+        headers={"x-request-id": rid, "authorization": f"Bearer {secret}"},
+        timeout=20,
+    )
+    assert reply.status_code == 200
+    assert post(gateway, "/v1/chat/completions", chat("gpt-4o"), refused).status_code == 401
+    assert scrape(gateway, "llm_gateway_cost_usd_total") == {
+        'llm_gateway_cost_usd_total{key="search",model="gpt-4o",provider="openai",team="search-team"}': pytest.approx(
+            cost(GPT4O, UNARY_USAGE) / 1_000_000
+        )
+    }
+    assert gateway.stop() == 0
+    records = {r.request_id: r for r in ledger_records(database)}
+    assert (records[rid].key_name, records[rid].team, records[rid].cost_micro) == (
+        "search",
+        "search-team",
+        cost(GPT4O, UNARY_USAGE),
+    )
+    assert (records[refused].key_name, records[refused].status, records[refused].cost_micro) == ("none", 401, 0)
+    assert secret not in gateway.log_text()
