@@ -42,6 +42,7 @@ def stack(
             "gemini": {"type": "gemini", "api_key": "gm-key", "api_url": fake.url},
             "ollama": {"type": "ollama", "api_url": fake.url},
             "claude": {"type": "anthropic", "api_key": "sk-ant-key", "api_url": fake.url},
+            "azure": {"type": "azure", "api_key": "az-key", "api_url": fake.url},
         }
     )
     config["models"].update(
@@ -50,6 +51,7 @@ def stack(
             "gemini-embedding": {"provider": "gemini", "model": "gemini-embedding-001"},
             "nomic": {"provider": "ollama", "model": "nomic-embed-text"},
             "claude": "claude",
+            "ada-azure": {"provider": "azure", "model": "my-ada"},
             "dummy": "dummy",
         }
     )
@@ -140,6 +142,7 @@ def test_input_forms_reach_the_upstream_as_sent(stack: Stack, fake: FakeUpstream
     [
         ("gemini-embedding", "/v1beta/openai/embeddings", "gemini-embedding-001"),
         ("nomic", "/v1/embeddings", "nomic-embed-text"),
+        ("ada-azure", "/openai/deployments/my-ada/embeddings", "my-ada"),
     ],
 )
 def test_openai_compatible_paths(stack: Stack, fake: FakeUpstream, model: str, path: str, upstream_model: str) -> None:
@@ -149,6 +152,8 @@ def test_openai_compatible_paths(stack: Stack, fake: FakeUpstream, model: str, p
     sent = fake.last()
     assert (sent.path, sent.json["model"]) == (path, upstream_model)
     assert [item.embedding for item in reply.data] == VECTORS
+    if model == "ada-azure":
+        assert sent.headers["api-key"] == "az-key" and "Authorization" not in sent.headers
 
 
 def test_dummy_is_deterministic(stack: Stack) -> None:
