@@ -316,3 +316,67 @@ def test_no_debug_log_line_holds_a_key(rest: httpx.Client, gateway: GatewayProce
     for secret in SECRETS:
         assert secret not in text
         assert secret[8:] not in text  # nor a telling part of one
+
+
+# ---------------------------------------------------------------- process modes and start-up
+
+
+def test_through_a_remote_service_the_facade_only_carries_the_key(
+    upstream: UsageUpstream, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    workdir = tmp_path_factory.mktemp("remote")
+    service = GatewayProcess(tenancy_config(upstream), workdir, args=("--grpc-only",)).start()
+    try:
+        facade = GatewayProcess(
+            {"logging": {"level": "INFO"}}, workdir, args=("--grpc-target", service.grpc_address)
+        ).start(wait_grpc=False)
+        try:
+            with httpx.Client(base_url=facade.base_url, timeout=10) as client:
+                assert client.post("/v1/chat/completions", json=chat()).json()["error"]["code"] == "invalid_api_key"
+                ok = client.post("/v1/chat/completions", json=chat("mini"), headers=bearer(SMALL))
+                assert ok.status_code == 200 and ok.headers["x-ratelimit-limit-requests"] == "2"
+                client.post("/v1/chat/completions", json=chat("mini"), headers=bearer(SMALL))
+                refused = client.post("/v1/chat/completions", json=chat("mini"), headers={"api-key": SMALL})
+                assert refused.status_code == 429 and refused.json()["error"]["type"] == "requests"
+                assert int(refused.headers["retry-after"]) >= 1 and int(refused.headers["retry-after-ms"]) > 0
+                listed = client.get("/v1/models", headers=bearer(BETA)).json()
+                assert [m["id"] for m in listed["data"]] == ["mini"]
+        finally:
+            assert facade.stop() == 0
+    finally:
+        assert service.stop() == 0
+
+
+def test_with_workers_and_no_redis_each_worker_enforces_its_share(
+    upstream: UsageUpstream, gateway_factory: Callable[..., GatewayProcess]
+) -> None:
+    config = tenancy_config(upstream)
+    config["auth"]["keys"] = [{"name": "shared", "key": SMALL, "limits": {"rpm": 10}}]
+    gateway = gateway_factory(config, args=("--workers", "2"))
+    notice = gateway.wait_log(lambda line: line["msg"].startswith("rate limits are held per worker"))
+    assert "each of the 2 workers enforces 1/2 of every limit" in notice["msg"] and notice["level"] == "WARN"
+    replies = [
+        httpx.post(f"{gateway.base_url}/v1/chat/completions", json=chat("mini"), headers=bearer(SMALL), timeout=10)
+        for _ in range(24)
+    ]
+    admitted = [r for r in replies if r.status_code == 200]
+    assert 5 <= len(admitted) <= 10
+    assert all(r.headers["x-ratelimit-limit-requests"] == "5" for r in admitted)
+    by_worker: dict[int, int] = {}
+    for line in gateway.log_lines():
+        if line.get("key") == "shared" and line.get("status") == 200:
+            by_worker[line["pid"]] = by_worker.get(line["pid"], 0) + 1
+    assert all(count <= 5 for count in by_worker.values()), by_worker
+
+
+def test_startup_warns_when_auth_is_off_beyond_loopback(
+    upstream: UsageUpstream, gateway_factory: Callable[..., GatewayProcess]
+) -> None:
+    def warned(gateway: GatewayProcess) -> bool:
+        gateway.wait_log(lambda line: line["msg"] == "llm-gateway starting")
+        return any(line["msg"].startswith("auth is off") for line in gateway.log_lines())
+
+    # Listening on every interface (the test still talks to loopback only).
+    assert warned(gateway_factory(None, env={"SERVER_HOST": "0.0.0.0"}))
+    assert not warned(gateway_factory(None))
+    assert not warned(gateway_factory(tenancy_config(upstream), env={"SERVER_HOST": "0.0.0.0"}))
