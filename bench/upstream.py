@@ -108,7 +108,9 @@ def anthropic_stream_body() -> bytes:
         ),
         ("ping", {"type": "ping"}),
     ]
-    for i in range(STREAM_CHUNKS - 1):
+    # The role comes in a chunk of its own (from message_start, as OpenAI's own streams send it), so 18
+    # deltas make the same 20 chunks as the OpenAI body, then the usage chunk and [DONE].
+    for i in range(STREAM_CHUNKS - 2):
         delta = {"type": "text_delta", "text": f"tok{i} "}
         events.append(("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": delta}))
     events += [
