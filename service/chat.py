@@ -51,7 +51,7 @@ class ChatCore:
         self.in_flight = 0
         self.tenancy = Tenancy.build(config)
         self.spend = SpendMeter(config, writer_for(config.usage))  # prices resolved once; the ledger's writer
-        usage_estimate.warm()
+        usage_estimate.warm(config)
         self._fallbacks = {
             (name, other): metrics.FALLBACKS.labels(name, other)
             for name, route in config.models.items()
@@ -200,6 +200,7 @@ class ChatCore:
             if record.usage is None:  # the upstream reported none: the gateway counts it (only then)
                 estimate = usage_estimate.settle_stream(record, request, seen)
                 if wants_usage:
+                    self.spend.stamp(record, estimate.usage)
                     record.chunks += 1
                     yield [estimate]
         except BaseException as exc:

@@ -6,7 +6,7 @@ then costs one dict lookup, integer arithmetic, and a tuple appended to the ledg
 
 Where the cost travels:
   - unary calls: the `x-llm-gateway-cost-usd` response header (REST) or trailing metadata entry (gRPC);
-  - streams: the gRPC trailing metadata, and in the final usage chunk as `usage.llm_gateway_cost_usd`
+  - streams: the gRPC trailing metadata, and in the final usage chunk as `usage.x_llm_gateway_cost_usd`
     when the client asked for usage (`stream_options.include_usage`). A REST stream's headers leave
     before its usage exists, so it has no cost header.
 Both are decimal USD with six places; an unpriced model gets neither (its cost is unknown, not zero).
@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from service.ledger.writer import LedgerWriter
 
 COST_HEADER = "x-llm-gateway-cost-usd"
-USAGE_COST_FIELD = "llm_gateway_cost_usd"
+USAGE_COST_FIELD = "x_llm_gateway_cost_usd"  # beside usage_estimate's x_llm_gateway_estimated
 NO_KEY = "none"  # the key label and ledger key name of a call made without a gateway key (auth off)
 
 

@@ -396,3 +396,33 @@ def test_with_keys_the_ledger_and_the_cost_metric_name_the_key_and_its_team(
     )
     assert (records[refused].key_name, records[refused].status, records[refused].cost_micro) == ("none", 401, 0)
     assert secret not in gateway.log_text()
+
+
+def test_estimated_usage_is_priced_and_marked_estimated(
+    chat_upstream: Upstream,
+    broken: FakeUpstream,
+    gateway_factory: Callable[..., GatewayProcess],
+    tmp_path: Path,
+) -> None:
+    database = f"sqlite:///{tmp_path}/usage.db"
+    chat_upstream.reply(200, completion(content="Counted by the gateway itself.", usage=None))
+    gateway = gateway_factory(gateway_config(chat_upstream, broken, database))
+    rid = request_id()
+    reply = post(gateway, "/v1/chat/completions", chat("gpt-4o"), rid)
+    usage = reply.json()["usage"]
+    assert usage["x_llm_gateway_estimated"] is True
+    priced = GPT4O.cost(usage["prompt_tokens"], 0, usage["completion_tokens"])
+    assert priced > 0 and reply.headers[COST_HEADER] == usd(priced)
+    chat_upstream.stream([e for e in chunks() if e.get("choices")])  # a stream without any usage
+    streamed = request_id()
+    reply = post(
+        gateway, "/v1/chat/completions", chat("gpt-4o", stream=True, stream_options={"include_usage": True}), streamed
+    )
+    stream_usage = sse_usage(reply.text)
+    assert stream_usage is not None and stream_usage["x_llm_gateway_estimated"] is True
+    stream_priced = GPT4O.cost(stream_usage["prompt_tokens"], 0, stream_usage["completion_tokens"])
+    assert stream_usage[USAGE_COST_FIELD] == float(usd(stream_priced))
+    assert gateway.stop() == 0
+    records = {r.request_id: r for r in ledger_records(database)}
+    assert (records[rid].estimated, records[rid].cost_micro) == (True, priced)
+    assert (records[streamed].estimated, records[streamed].cost_micro) == (True, stream_priced)
