@@ -18,6 +18,7 @@ from gateway.logs import get_logger
 from .chat import ChatCore
 from .providers import Provider, build_provider
 from .router import Router
+from .tenancy import Tenancy
 
 log = get_logger("reload")
 
@@ -40,7 +41,9 @@ def successor(old: ChatCore, config: Config) -> tuple[ChatCore, set[str]]:
             name: before[name] if name in kept else built.setdefault(name, build_provider(spec))
             for name, spec in config.providers.items()
         }
-        return ChatCore(config, Router(config, providers)), kept
+        core = ChatCore(config, Router(config, providers))
+        Tenancy.carry_over(old.tenancy, core.tenancy)  # limits and slots are not reset by a reload
+        return core, kept
     except BaseException:
         for provider in built.values():
             asyncio.get_running_loop().create_task(provider.close())

@@ -11,6 +11,7 @@ request ends. Both transports reach it the same way: the key travels in the call
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 
 from prometheus_client import Counter
@@ -131,6 +132,9 @@ class Tenancy:
         self._models = config.models
         self._default_cap = config.limits.default_max_tokens
         self.state = _state(config)
+        self._owns_state = True
+        state = config.state
+        self._held_as = (state.redis_url, state.timeout, state.slot_lease, config.server.workers)
         by_key = key_buckets(config)
         by_model = model_buckets(config)
         pairs: dict[tuple[str, str], _Pair] = {}
@@ -151,6 +155,16 @@ class Tenancy:
         self._pairs = pairs
         self._allowed = {key.name: key.models for key in config.auth.keys}
         self._lists: dict[str, chat_pb2.ListModelsResponse] = {}
+
+    @staticmethod
+    def carry_over(old: Tenancy | None, new: Tenancy | None) -> None:
+        """After a config reload: the new core keeps the old one's limit state when it is held the same
+        way, so buckets and the slots of calls still running on the old core carry over, not reset."""
+        if old is None or new is None or old._held_as != new._held_as:
+            return
+        fresh, new.state = new.state, old.state
+        old._owns_state = False
+        asyncio.get_running_loop().create_task(fresh.close())
 
     @classmethod
     def build(cls, config: Config) -> Tenancy | None:
@@ -217,7 +231,8 @@ class Tenancy:
         return listed
 
     async def close(self) -> None:
-        await self.state.close()
+        if self._owns_state:
+            await self.state.close()
 
 
 def _state(config: Config) -> LimitState:

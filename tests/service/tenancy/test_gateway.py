@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import signal
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -13,6 +14,7 @@ import grpc
 import httpx
 import openai
 import pytest
+import yaml
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -380,3 +382,32 @@ def test_startup_warns_when_auth_is_off_beyond_loopback(
     assert warned(gateway_factory(None, env={"SERVER_HOST": "0.0.0.0"}))
     assert not warned(gateway_factory(None))
     assert not warned(gateway_factory(tenancy_config(upstream), env={"SERVER_HOST": "0.0.0.0"}))
+
+
+def test_a_config_reload_keeps_the_limits_and_the_slots_in_use(upstream: UsageUpstream, tmp_path: Any) -> None:
+    config = tenancy_config(upstream)
+    config["server"] = {"watch_config": False}
+    config["auth"]["keys"] = [{"name": "kept", "key": ONE, "limits": {"rpm": 3, "max_parallel": 1}}]
+    gateway = GatewayProcess(config, tmp_path).start()
+    try:
+        with (
+            httpx.Client(base_url=gateway.base_url, timeout=10) as holder,
+            holder.stream("POST", "/v1/chat/completions", json=chat(HELD, stream=True), headers=bearer(ONE)) as held,
+        ):
+            reading = held.iter_bytes()
+            next(reading)  # one of the key's 3 requests, and its one slot, held across the reload
+            config["models"]["later"] = "openai"  # any change
+            assert gateway.config_path is not None and gateway.process is not None
+            gateway.config_path.write_text(yaml.safe_dump(config))
+            gateway.process.send_signal(signal.SIGHUP)
+            gateway.wait_log(lambda line: line["msg"] == "config reloaded")
+            refused = httpx.post(f"{gateway.base_url}/v1/chat/completions", json=chat(), headers=bearer(ONE))
+            assert refused.status_code == 429 and "parallel requests" in refused.json()["error"]["message"]
+        eventually(lambda: upstream.active == 0)
+        statuses = [
+            httpx.post(f"{gateway.base_url}/v1/chat/completions", json=chat(), headers=bearer(ONE)).status_code
+            for _ in range(3)
+        ]
+        assert statuses == [200, 200, 429]  # the bucket was not refilled by the reload
+    finally:
+        assert gateway.stop() == 0

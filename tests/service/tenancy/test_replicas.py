@@ -177,6 +177,7 @@ def test_max_parallel_holds_across_replicas(replicas: list[GatewayProcess], upst
             reading = response.iter_bytes()
             next(reading)
             held.append(reading)
+        time.sleep(LEASE * 1.5)  # longer than a lease: the slots of calls still running are renewed, not lost
         for replica in replicas:
             for _ in range(2):
                 refused = post(replica, PARALLEL)
