@@ -51,7 +51,7 @@ class ChatCore:
         self.in_flight = 0
         self.tenancy = Tenancy.build(config)
         self.spend = SpendMeter(config, writer_for(config.usage))  # prices resolved once; the ledger's writer
-        usage_estimate.warm()
+        usage_estimate.warm(config)
         self._fallbacks = {
             (name, other): metrics.FALLBACKS.labels(name, other)
             for name, route in config.models.items()

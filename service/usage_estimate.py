@@ -14,10 +14,14 @@ Measured on this machine (2 cores), toktok 0.3.0:
     | o200k_base  | 403 ms    | 47 us                         | 234 us                      | 37 us     |
 
 So counting runs on the calling thread (threads=1: spreading a few short texts over threads costs ten
-times more), and both encodings are loaded once at start-up in a background thread (loading releases
-the GIL: the event loop does not stall meanwhile). Models of the o200k family (gpt-4o, gpt-4.1, gpt-5,
-o1/o3/o4, chatgpt-*) are counted with o200k_base; every other model with cl100k_base, as LiteLLM does
-for models it has no tokenizer for: an estimate, usually within 10-20% for Llama-family vocabularies.
+times more), and the encodings the configured models need are loaded once at start-up in a background
+thread (loading releases the GIL: the event loop does not stall meanwhile; a config of dummy models
+loads none). An encoding first needed later, for a model name an upstream reports, is loaded then,
+once, in the request that needs it (up to 0.4 s).
+
+Models of the o200k family (gpt-4o, gpt-4.1, gpt-5, o1/o3/o4, chatgpt-*) are counted with o200k_base;
+every other model with cl100k_base, as LiteLLM does for models it has no tokenizer for. For those it is
+an estimate.
 
 Prompt tokens follow OpenAI's cookbook formula for chat models: each message's texts (role, content,
 name, tool calls), plus 3 tokens per message, 1 per name, and 3 that prime the reply.
@@ -31,6 +35,7 @@ from collections.abc import Mapping
 import orjson
 import toktok  # type: ignore[import-untyped]
 
+from gateway.config import Config
 from llm_gateway.v1 import chat_pb2
 
 from .accounting import RequestRecord
@@ -41,29 +46,37 @@ _ESTIMATED = {ESTIMATED_KEY: "true"}
 
 DEFAULT_ENCODING = "cl100k_base"
 _O200K_PREFIXES = ("gpt-4o", "gpt-4.1", "gpt-4.5", "gpt-5", "o1", "o3", "o4", "chatgpt-", "gpt-realtime")
-_ENCODINGS = (DEFAULT_ENCODING, "o200k_base")
 _TOKENS_PER_MESSAGE = 3
 _TOKENS_PER_NAME = 1
 _REPLY_PRIMING = 3
 
-_loaded = threading.Event()
-_loader: threading.Thread | None = None
+_loaded: dict[str, threading.Event] = {}  # encoding -> set once it is loaded
 
 
-def warm() -> None:
-    """Load the encodings in the background, once per process; counting waits for them if it must."""
-    global _loader
-    if _loader is None:
-        _loader = threading.Thread(target=_load, name="tokenizer-load", daemon=True)
-        _loader.start()
+def warm(config: Config) -> None:
+    """Load, in the background, the encodings of the models `config` routes to upstreams (once per process)."""
+    models = {
+        deployment.upstream_model
+        for route in config.models.values()
+        for deployment in route.deployments
+        if deployment.provider in config.providers and config.providers[deployment.provider].type != "dummy"
+    }
+    _warm({encoding_for(model) for model in models})
 
 
-def _load() -> None:
-    try:
-        for name in _ENCODINGS:
+def _warm(encodings: set[str]) -> None:
+    missing = sorted(encodings - _loaded.keys())
+    if missing:
+        _loaded.update((name, threading.Event()) for name in missing)
+        threading.Thread(target=_load, args=(missing,), name="tokenizer-load", daemon=True).start()
+
+
+def _load(encodings: list[str]) -> None:
+    for name in encodings:
+        try:
             toktok.batch_count(["warm"], name, threads=1)
-    finally:
-        _loaded.set()
+        finally:
+            _loaded[name].set()
 
 
 def encoding_for(model: str) -> str:
@@ -75,10 +88,13 @@ def count(texts: list[str], model: str = "") -> int:
     """The tokens of `texts`, each counted on its own."""
     if not texts:
         return 0
-    if not _loaded.is_set():
-        warm()
-        _loaded.wait()
-    return sum(toktok.batch_count(texts, encoding_for(model), threads=1))
+    encoding = encoding_for(model)
+    loaded = _loaded.get(encoding)
+    if loaded is None:
+        _warm({encoding})
+        loaded = _loaded[encoding]
+    loaded.wait()  # at once, but for a count in the first moments after start-up
+    return sum(toktok.batch_count(texts, encoding, threads=1))
 
 
 def count_texts(texts: list[str], model: str = "") -> int:
