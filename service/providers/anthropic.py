@@ -472,7 +472,7 @@ def completion(obj: dict[str, Any]) -> chat_pb2.ChatCompletion:
 class StreamTranslator:
     """One stream's state: Anthropic's events in, OpenAI chunks out (`step` per event)."""
 
-    __slots__ = ("_args", "_base", "_counts", "_provider", "_tools")
+    __slots__ = ("_args", "_base", "_counts", "_provider", "_thinking", "_tools")
 
     def __init__(self, provider: str, model: str) -> None:
         self._provider = provider
@@ -480,6 +480,8 @@ class StreamTranslator:
         self._counts: dict[str, Any] = {}
         self._tools: dict[int, int] = {}  # Anthropic's block index -> our tool-call index, dense from 0
         self._args: set[int] = set()  # tool calls (our index) that have had argument text
+        # Thinking blocks being read (by Anthropic's index): the block, and its text in pieces.
+        self._thinking: dict[int, tuple[dict[str, Any], list[str]]] = {}
 
     def _chunk(self) -> tuple[chat_pb2.ChatCompletionChunk, chat_pb2.Delta]:
         chunk = chat_pb2.ChatCompletionChunk()
@@ -511,7 +513,11 @@ class StreamTranslator:
                     chunk, out_delta = self._chunk()
                     out_delta.extra["reasoning_content"] = orjson.dumps(delta["thinking"]).decode()
                     out.append(chunk)
-                # signature_delta, citations_delta and newer kinds carry nothing OpenAI has
+                    self._thinking[event["index"]][1].append(delta["thinking"])
+                elif dtype == "signature_delta":
+                    block = self._thinking[event["index"]][0]
+                    block["signature"] = block.get("signature", "") + delta["signature"]
+                # citations_delta and newer kinds carry nothing OpenAI has
             elif kind == "content_block_start":
                 block = event["content_block"]
                 btype = block["type"]
@@ -527,10 +533,21 @@ class StreamTranslator:
                     chunk, out_delta = self._chunk()
                     out_delta.content = block["text"]
                     out.append(chunk)
+                elif btype == "thinking" or btype == "redacted_thinking":
+                    self._thinking[event["index"]] = (dict(block), [block.get("thinking") or ""])
             elif kind == "content_block_stop":
-                tool = self._tools.get(event["index"])
+                index = event["index"]
+                tool = self._tools.get(index)
                 if tool is not None and tool not in self._args:  # a tool without arguments gets "{}"
                     self._tool_delta(out, tool).function.arguments = _EMPTY_OBJECT
+                thinking = self._thinking.pop(index, None)
+                if thinking is not None:  # the whole block once, with its signature, for the next turn
+                    block, pieces = thinking
+                    if block["type"] == "thinking":
+                        block["thinking"] = "".join(pieces)
+                    chunk, out_delta = self._chunk()
+                    out_delta.extra["thinking_blocks"] = orjson.dumps([block]).decode()
+                    out.append(chunk)
             elif kind == "message_start":
                 message = event["message"]
                 self._base.id = message.get("id") or ""

@@ -107,6 +107,8 @@ def stream_of(
             deltas = [{"type": "input_json_delta", "partial_json": ""}]
             if arguments:
                 deltas += [{"type": "input_json_delta", "partial_json": p} for p in _pieces(arguments, piece)]
+        elif kind == "redacted_thinking":
+            opening, deltas = block, []
         else:
             raise ValueError(kind)
         events.append(

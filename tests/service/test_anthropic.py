@@ -416,11 +416,24 @@ def test_several_events_in_one_read_come_as_one_batch(upstream: FakeUpstream) ->
     assert len(batches) == 1 and len(batches[0]) > 10
 
 
-def test_thinking_becomes_reasoning_content(upstream: FakeUpstream) -> None:
-    events = fake.stream_of([fake.thinking("Let me add 2 and 2.", "EqQBCkYIBRgCKkD"), fake.text("4")])
-    got = assembled(flat(replay(upstream, events)))
+def test_thinking_becomes_reasoning_content_and_whole_blocks_to_send_back(upstream: FakeUpstream) -> None:
+    redacted = {"type": "redacted_thinking", "data": "EmwKAhgBEgy3va3pzix"}
+    events = fake.stream_of([fake.thinking("Let me add 2 and 2.", "EqQBCkYIBRgCKkD"), redacted, fake.text("4")])
+    chunks = flat(replay(upstream, events))
+    got = assembled(chunks)
     assert got["reasoning"] == "Let me add 2 and 2." and got["content"] == "4"
     assert got["finish"] == ["stop"]
+    blocks = [
+        block for chunk in chunks for choice in chunk["choices"] for block in choice["delta"].get("thinking_blocks", [])
+    ]
+    assert blocks == [
+        {"type": "thinking", "thinking": "Let me add 2 and 2.", "signature": "EqQBCkYIBRgCKkD"},
+        redacted,
+    ]
+    # What came back goes back: the next turn replays the blocks first, signatures and all.
+    turn = {"role": "assistant", "content": got["content"], "thinking_blocks": blocks}
+    body = request_body(REQUEST.decode({"model": "c", "messages": [*HELLO["messages"], turn]}), "c", stream=False)
+    assert body["messages"][1]["content"] == [*blocks, {"type": "text", "text": "4"}]
 
 
 def test_cache_usage_arriving_only_in_message_delta_is_counted_once(upstream: FakeUpstream) -> None:
