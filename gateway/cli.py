@@ -47,8 +47,9 @@ def _apply_flags(config: Config, args: argparse.Namespace) -> Config:
 
 def _worker(config: Config, grpc_only: bool, reloads: Any = None, prepare: Any = None) -> None:
     """One worker; `reloads` is its pipe from the main process, `prepare` is set when it is the only one."""
-    if reloads is not None:
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the main process reloads, and tells the workers
+    # A worker of several leaves SIGHUP to the main process, which tells it; the only worker ignores it
+    # until its reload handler is in place (SIGHUP's default is to end the process).
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     logs.configure(config.log_level)
     for provider in config.providers.values():
         logs.add_secret(provider.api_key)

@@ -30,12 +30,11 @@ _POLL = 0.2
 log = logs.get_logger("cli")
 
 
-def supervise(
-    config: Config, grpc_only: bool, prepare: Callable[[Config], Config], worker: Callable[..., None]
-) -> int:
+def supervise(config: Config, grpc_only: bool, prepare: Callable[[Config], Config], worker: Callable[..., None]) -> int:
     if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         # Workers keep metric values in shared files here, so /metrics on any worker shows the sum.
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="llm-gateway-metrics-")
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the reload handler is in place
     return asyncio.run(_run(config, grpc_only, prepare, worker))
 
 

@@ -35,6 +35,16 @@ class Received:
     body: bytes
     at: float = field(default_factory=time.monotonic)
     query: str = ""  # the raw query string, without its "?"
+    # The connection it came on: the client's port tells a reused connection from a new one.
+    transport: Any = field(default=None, repr=False, compare=False)
+
+    @property
+    def peer_port(self) -> int:
+        return int(self.transport.get_extra_info("peername")[1])
+
+    @property
+    def connection_closed(self) -> bool:
+        return bool(self.transport.is_closing())
 
     @property
     def json(self) -> Any:
@@ -297,7 +307,14 @@ class FakeUpstream:
     async def _dispatch(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
         self.received.append(
-            Received(request.method, request.path, dict(request.headers), body, query=request.query_string)
+            Received(
+                request.method,
+                request.path,
+                dict(request.headers),
+                body,
+                query=request.query_string,
+                transport=request.transport,
+            )
         )
         handler = self._script.pop(0) if self._script else self.handler
         assert handler is not None

@@ -8,6 +8,7 @@ import hashlib
 import os
 import shutil
 import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -251,5 +252,47 @@ def test_watch_config_false_leaves_file_changes_to_sighup(fake: FakeUpstream, tm
         assert report["trigger"] == "SIGHUP" and report["models_added"] == ["later"]
         assert "later" in {m["id"] for m in call(gateway.base_url, "GET", "/v1/models").json["data"]}
         assert not any(line["msg"] == "watching the config directory" for line in gateway.log_lines())
+    finally:
+        assert gateway.stop() == 0
+
+
+def test_unchanged_provider_keeps_its_pool_and_a_replaced_one_closes_after_its_last_request(
+    fake: FakeUpstream, tmp_path: Path
+) -> None:
+    config = base_config(fake)
+    gateway = GatewayProcess(config, tmp_path).start()  # one worker: one pool to look at
+    hello = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
+    try:
+        assert gateway.config_path is not None and gateway.process is not None
+        assert post(gateway.base_url, hello).status == 200
+        first = fake.received[-1]
+
+        config["models"]["another"] = "openai"  # the provider's settings stay as they are
+        rewrite(gateway.config_path, config)
+        gateway.process.send_signal(signal.SIGHUP)
+        gateway.wait_log(lambda line: line["msg"] == "config reloaded")
+        assert post(gateway.base_url, hello).status == 200
+        assert fake.received[-1].peer_port == first.peer_port  # the same kept-alive connection
+
+        fake.stream(chunks(PIECES), delay=0.3)
+        with open_request(gateway.base_url, {**hello, "stream": True}) as conn:
+            response = conn.getresponse()
+            head = response.readline() + response.readline()  # the first event
+            streaming = fake.received[-1]
+            config["providers"]["openai"]["read_timeout"] = 120  # changed: a new provider, a new pool
+            rewrite(gateway.config_path, config)
+            gateway.process.send_signal(signal.SIGHUP)
+            gateway.wait_log(lambda line: line["msg"] == "config reloaded" and "providers_changed" in line)
+            fake.reply(200, completion())
+            assert post(gateway.base_url, hello).status == 200
+            assert fake.received[-1].peer_port not in (first.peer_port, streaming.peer_port)
+            assert not streaming.connection_closed  # the old pool is still serving its stream
+            events = sse_json(head + response.read())
+            assert "".join(e["choices"][0]["delta"].get("content", "") for e in events) == "".join(PIECES)
+        deadline = time.monotonic() + 10
+        while not (first.connection_closed and streaming.connection_closed) and time.monotonic() < deadline:
+            time.sleep(0.05)  # the old core notices its last call ended, then closes its pool
+        assert first.connection_closed and streaming.connection_closed
+        assert not fake.received[-1].connection_closed  # the new pool's connection stays open
     finally:
         assert gateway.stop() == 0
