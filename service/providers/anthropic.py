@@ -4,8 +4,10 @@ Requests are translated from the proto straight to Anthropic's JSON, responses a
 straight to protos: no OpenAI JSON in between. The wire plumbing (pool, heads rendered once, deadlines,
 SSE in batches) is HTTPProvider's, shared with the OpenAI-compatible providers.
 
-What does not map: `n` > 1, `logprobs`, and `response_format` json_object / json_schema are refused
-with a 400 (Anthropic has no equivalent); OpenAI-only tuning fields (penalties, seed, logit_bias,
+A JSON `response_format` (json_object, json_schema) is asked for the way Anthropic documents it: one
+tool whose input schema is the schema, forced with tool_choice; its input comes back as the message's
+content, streamed as content deltas. What does not map is refused with a 400: `n` > 1, `logprobs`,
+a JSON response_format together with tools. OpenAI-only tuning fields (penalties, seed, logit_bias,
 store, ...) are left out. Anthropic's own request fields `thinking`, `top_k`, `mcp_servers`,
 `container` and `context_management` pass through when a client sends them.
 """
@@ -62,6 +64,7 @@ ERROR_STATUS = {
 }
 OVERLOADED = 529  # Anthropic's own status; our clients get 503, which every SDK retries
 
+JSON_TOOL = "json_response"  # the tool a JSON response_format is asked for through
 _PASSED_THROUGH = ("thinking", "top_k", "mcp_servers", "container", "context_management")
 _REASONING_BUDGETS = {"low": 1024, "medium": 2048, "high": 4096}
 _TOOL_ID = re.compile(r"[^a-zA-Z0-9_-]")
@@ -104,14 +107,14 @@ class AnthropicProvider(HTTPProvider):
         body = request_body(request, upstream_model, stream=False)
         obj = await self._json(self._head, body, call, timeouts)
         try:
-            return completion(obj)
+            return completion(obj, json_tool(request))
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise BadGatewayError(f"Provider {self.name} sent an invalid response: {exc!r}") from None
 
     def stream(
         self, request: chat_pb2.CreateChatCompletionRequest, upstream_model: str, call: CallInfo, timeouts: Timeouts
     ) -> AsyncIterator[Chunks]:
-        events = StreamTranslator(self.name, upstream_model)
+        events = StreamTranslator(self.name, upstream_model, json_tool(request))
         return self._events(
             self._stream_head, lambda: request_body(request, upstream_model, stream=True), call, timeouts, events.step
         )
@@ -204,6 +207,8 @@ def request_body(request: chat_pb2.CreateChatCompletionRequest, model: str, stre
     choice = _tool_choice(request)
     if choice is not None:
         body["tool_choice"] = choice
+    if json_tool(request) is not None:
+        _json_format(request, body)
     user = request.user or request.safety_identifier
     if user:
         body["metadata"] = {"user_id": user}
@@ -223,10 +228,39 @@ def _refuse_unmappable(request: chat_pb2.CreateChatCompletionRequest) -> None:
     if request.logprobs:
         raise InvalidRequestError("This model does not support 'logprobs'.", param="logprobs")
     kind = request.response_format.type if request.HasField("response_format") else "text"
-    if kind not in ("", "text"):
+    if kind not in ("", "text", "json_object", "json_schema"):
         raise InvalidRequestError(
             f"This model does not support 'response_format' of type {kind!r}.", param="response_format"
         )
+
+
+def json_tool(request: chat_pb2.CreateChatCompletionRequest) -> str | None:
+    """The tool a JSON response_format goes through, when the request has one."""
+    if request.HasField("response_format") and request.response_format.type in ("json_object", "json_schema"):
+        return JSON_TOOL
+    return None
+
+
+def _json_format(request: chat_pb2.CreateChatCompletionRequest, body: dict[str, Any]) -> None:
+    if request.tools:
+        raise InvalidRequestError(
+            "This model does not support a JSON 'response_format' together with 'tools'.", param="response_format"
+        )
+    schema: Any = {"type": "object"}
+    description = "Answer with a JSON object, as this tool's input."
+    if request.response_format.HasField("json_schema"):
+        spec = orjson.loads(request.response_format.json_schema)
+        if type(spec) is dict and type(spec.get("schema")) is dict:
+            schema = spec["schema"]
+            if type(spec.get("description")) is str:
+                description = f"{description} {spec['description']}"
+        elif request.response_format.type == "json_schema":
+            raise InvalidRequestError(
+                "Invalid value for 'response_format.json_schema': expected an object with a 'schema'.",
+                param="response_format.json_schema",
+            )
+    body["tools"] = [{"name": JSON_TOOL, "description": description, "input_schema": schema}]
+    body["tool_choice"] = {"type": "tool", "name": JSON_TOOL}
 
 
 def _add_turn(turns: list[dict[str, Any]], role: str, content: list[dict[str, Any]] | str) -> None:
@@ -422,7 +456,8 @@ def finish_reason(stop_reason: str) -> str:
     return FINISH_REASONS.get(stop_reason, stop_reason)
 
 
-def completion(obj: dict[str, Any]) -> chat_pb2.ChatCompletion:
+def completion(obj: dict[str, Any], json_tool: str | None = None) -> chat_pb2.ChatCompletion:
+    """The answer; with `json_tool`, that tool's input is the content (a JSON response_format)."""
     texts: list[str] = []
     thinking: list[str] = []
     thinking_blocks: list[dict[str, Any]] = []
@@ -431,6 +466,8 @@ def completion(obj: dict[str, Any]) -> chat_pb2.ChatCompletion:
         kind = block["type"]
         if kind == "text":
             texts.append(block["text"])
+        elif kind == "tool_use" and block["name"] == json_tool:
+            texts.append(orjson.dumps(block["input"]).decode())
         elif kind == "tool_use":
             calls.append(
                 chat_pb2.ToolCall(
@@ -455,6 +492,8 @@ def completion(obj: dict[str, Any]) -> chat_pb2.ChatCompletion:
         message.extra["thinking_blocks"] = orjson.dumps(thinking_blocks).decode()
     choice = chat_pb2.Choice(index=0, message=message, extra=_LOGPROBS_NULL)
     stop_reason = obj.get("stop_reason")
+    if stop_reason == "tool_use" and json_tool and not calls:
+        stop_reason = "end_turn"  # the JSON answer is the content, not a call
     if stop_reason:
         choice.finish_reason = finish_reason(stop_reason)
     else:
@@ -472,9 +511,9 @@ def completion(obj: dict[str, Any]) -> chat_pb2.ChatCompletion:
 class StreamTranslator:
     """One stream's state: Anthropic's events in, OpenAI chunks out (`step` per event)."""
 
-    __slots__ = ("_args", "_base", "_counts", "_provider", "_thinking", "_tools")
+    __slots__ = ("_args", "_base", "_counts", "_json", "_json_block", "_json_text", "_provider", "_thinking", "_tools")
 
-    def __init__(self, provider: str, model: str) -> None:
+    def __init__(self, provider: str, model: str, json_tool: str | None = None) -> None:
         self._provider = provider
         self._base = chat_pb2.ChatCompletionChunk(object="chat.completion.chunk", created=int(time.time()), model=model)
         self._counts: dict[str, Any] = {}
@@ -482,6 +521,9 @@ class StreamTranslator:
         self._args: set[int] = set()  # tool calls (our index) that have had argument text
         # Thinking blocks being read (by Anthropic's index): the block, and its text in pieces.
         self._thinking: dict[int, tuple[dict[str, Any], list[str]]] = {}
+        self._json = json_tool  # with a JSON response_format: its tool's input is the content
+        self._json_block: int | None = None  # Anthropic's index of that tool's block
+        self._json_text = False
 
     def _chunk(self) -> tuple[chat_pb2.ChatCompletionChunk, chat_pb2.Delta]:
         chunk = chat_pb2.ChatCompletionChunk()
@@ -500,15 +542,17 @@ class StreamTranslator:
                 delta = event["delta"]
                 dtype = delta["type"]
                 if dtype == "text_delta":
-                    chunk, out_delta = self._chunk()
-                    out_delta.content = delta["text"]
-                    out.append(chunk)
+                    self._content(out, delta["text"])
                 elif dtype == "input_json_delta":
                     partial = delta["partial_json"]
                     if partial:  # the first one is often empty
-                        index = self._tools[event["index"]]
-                        self._args.add(index)
-                        self._tool_delta(out, index).function.arguments = partial
+                        if event["index"] == self._json_block:
+                            self._json_text = True
+                            self._content(out, partial)
+                        else:
+                            index = self._tools[event["index"]]
+                            self._args.add(index)
+                            self._tool_delta(out, index).function.arguments = partial
                 elif dtype == "thinking_delta":
                     chunk, out_delta = self._chunk()
                     out_delta.extra["reasoning_content"] = orjson.dumps(delta["thinking"]).decode()
@@ -521,7 +565,9 @@ class StreamTranslator:
             elif kind == "content_block_start":
                 block = event["content_block"]
                 btype = block["type"]
-                if btype == "tool_use":
+                if btype == "tool_use" and block["name"] == self._json:
+                    self._json_block = event["index"]
+                elif btype == "tool_use":
                     index = len(self._tools)
                     self._tools[event["index"]] = index
                     call = self._tool_delta(out, index)
@@ -530,9 +576,7 @@ class StreamTranslator:
                     call.function.name = block["name"]
                     call.function.arguments = ""
                 elif btype == "text" and block.get("text"):
-                    chunk, out_delta = self._chunk()
-                    out_delta.content = block["text"]
-                    out.append(chunk)
+                    self._content(out, block["text"])
                 elif btype == "thinking" or btype == "redacted_thinking":
                     self._thinking[event["index"]] = (dict(block), [block.get("thinking") or ""])
             elif kind == "content_block_stop":
@@ -540,6 +584,8 @@ class StreamTranslator:
                 tool = self._tools.get(index)
                 if tool is not None and tool not in self._args:  # a tool without arguments gets "{}"
                     self._tool_delta(out, tool).function.arguments = _EMPTY_OBJECT
+                elif index == self._json_block and not self._json_text:
+                    self._content(out, _EMPTY_OBJECT)
                 thinking = self._thinking.pop(index, None)
                 if thinking is not None:  # the whole block once, with its signature, for the next turn
                     block, pieces = thinking
@@ -563,6 +609,8 @@ class StreamTranslator:
                 if counts:  # cumulative: a field that is there replaces what message_start said
                     self._counts.update((key, value) for key, value in counts.items() if value is not None)
                 stop_reason = (event.get("delta") or {}).get("stop_reason")
+                if stop_reason == "tool_use" and self._json_block is not None and not self._tools:
+                    stop_reason = "end_turn"  # the JSON answer is the content, not a call
                 if stop_reason:
                     chunk = chat_pb2.ChatCompletionChunk()
                     chunk.CopyFrom(self._base)
@@ -585,6 +633,11 @@ class StreamTranslator:
         except (KeyError, TypeError, AttributeError) as exc:
             raise BadGatewayError(f"Provider {self._provider} sent an invalid {kind} event: {exc!r}") from None
         return False
+
+    def _content(self, out: Chunks, text: str) -> None:
+        chunk, delta = self._chunk()
+        delta.content = text
+        out.append(chunk)
 
     def _tool_delta(self, out: Chunks, index: int) -> chat_pb2.ToolCall:
         chunk, delta = self._chunk()

@@ -119,7 +119,7 @@ def test_request_translation_golden(path: Path) -> None:
 @pytest.mark.parametrize("path", sorted((GOLDEN / "responses").glob("*.json")), ids=lambda p: p.stem)
 def test_response_translation_golden(path: Path) -> None:
     case = orjson.loads(path.read_bytes())
-    got = orjson.loads(COMPLETION.dumps(completion(case["anthropic"])))
+    got = orjson.loads(COMPLETION.dumps(completion(case["anthropic"], case.get("json_tool"))))
     assert got.pop("created") > 0
     expected = dict(case["openai"])
     expected.pop("created")
@@ -229,7 +229,11 @@ def test_every_stop_reason(upstream: FakeUpstream, stop_reason: str, finish_reas
     [
         ({**HELLO, "n": 2}, "n"),
         ({**HELLO, "logprobs": True}, "logprobs"),
-        ({**HELLO, "response_format": {"type": "json_object"}}, "response_format"),
+        ({**HELLO, "response_format": {"type": "json_object"}, "tools": TOOLS}, "response_format"),
+        (
+            {**HELLO, "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
+            "response_format.json_schema",
+        ),
         ({"model": "c", "messages": [{"role": "function", "name": "f", "content": "x"}]}, "messages[0].role"),
         (
             {
@@ -508,3 +512,18 @@ def test_an_invalid_event_is_a_bad_gateway(upstream: FakeUpstream) -> None:
     upstream.handler = fake.sse(fake.encode(fake.stream_of([fake.text("Hi")])[:2]) + b"event: x\ndata: {oops\n\n")
     _, error = stream(upstream)
     assert isinstance(error, BadGatewayError)
+
+
+def test_a_json_response_format_streams_as_content(upstream: FakeUpstream) -> None:
+    answer = {"city": "Paris", "temperature_c": 18}
+    events = fake.stream_of([fake.tool_use("toolu_01J", "json_response", answer)], "tool_use")
+    upstream.handler = fake.sse(events)
+    schema = {"name": "weather", "schema": {"type": "object"}}
+    body = {**HELLO, "response_format": {"type": "json_schema", "json_schema": schema}}
+    batches, error = stream(upstream, body)
+    assert error is None
+    got = assembled(flat(batches))
+    assert orjson.loads(got["content"]) == answer and got["tools"] == {} and got["finish"] == ["stop"]
+    sent = upstream.last().json
+    assert sent["tool_choice"] == {"type": "tool", "name": "json_response"}
+    assert [tool["name"] for tool in sent["tools"]] == ["json_response"]

@@ -13,6 +13,7 @@ from typing import Any
 import grpc
 import openai
 import orjson
+import pydantic
 import pytest
 
 from gateway.jsonpb import MessageCodec
@@ -253,6 +254,22 @@ def test_a_spend_limit_429_is_not_retried_but_a_rate_limit_429_is(
         with pytest.raises(openai.RateLimitError):
             sdk.chat.completions.create(model="claude", messages=ASK)
         assert len(upstream.received) == 3
+
+
+def test_openai_sdk_structured_output(gateway: GatewayProcess, upstream: FakeUpstream) -> None:
+    class Weather(pydantic.BaseModel):
+        city: str
+        temperature_c: float
+
+    answer = fake.tool_use("toolu_01J", "json_response", {"city": "Paris", "temperature_c": 18.5})
+    upstream.reply(200, fake.message([answer], "tool_use"))
+    with client(gateway) as sdk:
+        reply = sdk.chat.completions.parse(model="claude", messages=ASK, response_format=Weather)
+    assert reply.choices[0].message.parsed == Weather(city="Paris", temperature_c=18.5)
+    assert reply.choices[0].finish_reason == "stop"
+    sent = upstream.last().json
+    assert sent["tool_choice"] == {"type": "tool", "name": "json_response"}
+    assert sent["tools"][0]["input_schema"]["properties"]["city"] == {"title": "City", "type": "string"}
 
 
 def test_a_request_that_cannot_map_is_a_400(gateway: GatewayProcess, upstream: FakeUpstream) -> None:
