@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import fields, replace
@@ -33,6 +34,11 @@ log = logs.get_logger("reload")
 LIVE_SERVER_KEYS = frozenset({"shutdown_delay", "shutdown_grace"})
 RESULTS = ("applied", "rejected", "unchanged")
 _DEBOUNCE_MS = 1000
+
+
+def _chattier(one: str, other: str) -> str:
+    levels = [one, other]
+    return min(levels, key=lambda name: logging.getLevelName("WARNING" if name == "WARN" else name))
 
 
 def digest(data: bytes) -> str:
@@ -147,6 +153,7 @@ class Reloader:
             return self._rejected_with(str(exc), new_digest, trigger)
         new, restart = effective(self.current, new)
         report = changes(self.current, new)
+        old_level = self.current.log_level
         if not self._apply(new):  # valid, yet it could not be built (logged where it failed)
             return self._rejected_with("the new config could not be put in force", new_digest, trigger)
         self.current = new
@@ -156,8 +163,11 @@ class Reloader:
         metrics.CONFIG_RELOADS.labels("applied").inc()
         if restart:
             report["needs_a_restart"] = restart
-        # A change that needs a restart keeps its old value until then: a warning, so it is not missed.
+        # The report is logged at the chattier of the two levels, so a reload that changes the level
+        # is still reported; a change that needs a restart keeps its old value: a warning.
+        logs.configure(_chattier(old_level, new.log_level))
         (log.warning if restart else log.info)("config reloaded", trigger=trigger, sha256=new_digest, **report)
+        logs.configure(new.log_level)
         return "applied"
 
     def _rejected_with(self, error: str, bad_digest: str, trigger: str) -> str:

@@ -60,8 +60,7 @@ async def serve(
                 logs.add_secret(provider.api_key)
             if live is not None and not live.swap(new):
                 return False
-            logs.configure(new.log_level)
-            current[0] = new
+            current[0] = new  # the log level is set by whoever logs the reload, once it has
             return True
 
         if reloads is not None:
@@ -128,6 +127,7 @@ def _listen(reloads: Any, apply: Callable[[Config], bool]) -> None:
             return
         if apply(new):
             log.debug("config applied", models=sorted(new.models))
+            logs.configure(new.log_level)
 
     loop.add_reader(reloads.fileno(), receive)
 

@@ -70,7 +70,6 @@ async def _run(
                     writer.send(new)
                 except OSError as exc:
                     log.error("cannot send the new config to a worker", pid=process.pid, error=str(exc))
-        logs.configure(new.log_level)
         return True
 
     reloader = Reloader(config, prepare, send)

@@ -256,6 +256,26 @@ def test_watch_config_false_leaves_file_changes_to_sighup(fake: FakeUpstream, tm
         assert gateway.stop() == 0
 
 
+def test_log_level_follows_a_reload(fake: FakeUpstream, tmp_path: Path) -> None:
+    config = base_config(fake)
+    gateway = GatewayProcess(config, tmp_path).start()
+    try:
+        assert gateway.config_path is not None and gateway.process is not None
+
+        def rejected_lines() -> int:
+            assert post(gateway.base_url, b"{not json").status == 400  # logged at INFO
+            return sum(line["msg"] == "request rejected" for line in gateway.log_lines())
+
+        assert rejected_lines() == 1
+        config["logging"] = {"level": "WARNING"}
+        rewrite(gateway.config_path, config)
+        gateway.process.send_signal(signal.SIGHUP)
+        gateway.wait_log(lambda line: line["msg"] == "config reloaded")
+        assert rejected_lines() == 1
+    finally:
+        assert gateway.stop() == 0
+
+
 def test_unchanged_provider_keeps_its_pool_and_a_replaced_one_closes_after_its_last_request(
     fake: FakeUpstream, tmp_path: Path
 ) -> None:
@@ -296,3 +316,27 @@ def test_unchanged_provider_keeps_its_pool_and_a_replaced_one_closes_after_its_l
         assert not fake.received[-1].connection_closed  # the new pool's connection stays open
     finally:
         assert gateway.stop() == 0
+
+
+def test_keys_added_and_removed_by_a_reload(
+    mode: str, fake: FakeUpstream, tmp_path: Path, stacks: list[WorkerStack]
+) -> None:
+    alpha, beta, gamma = "gk-alpha-0123456789", "gk-beta-0123456789", "gk-gamma-0123456789"
+    config = base_config(fake)
+    config["auth"] = {"keys": [{"name": "alpha", "key": alpha}, {"name": "beta", "key": beta}]}
+    stack = start(mode, config, tmp_path, stacks)
+    hello = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
+
+    def status(key: str) -> int:
+        return post(stack.base_url, hello, headers={"authorization": f"Bearer {key}"}).status
+
+    assert (status(alpha), status(beta), status(gamma)) == (200, 200, 401)
+    config["auth"] = {"keys": [{"name": "alpha", "key": alpha}, {"name": "gamma", "key": gamma}]}
+    rewrite(config_path(stack), config)
+    wait_applied(stack, 1)
+    for _ in range(4):  # on either worker
+        assert (status(alpha), status(beta), status(gamma)) == (200, 401, 200)
+    report = next(line for line in stack.service.log_lines() if line["msg"] == "config reloaded")
+    assert report["keys_added"] == ["gamma"] and report["keys_removed"] == ["beta"]
+    for process in stack.processes:
+        assert not any(key in process.log_text() for key in (alpha, beta, gamma))
