@@ -85,6 +85,7 @@ class FailoverState:
             except StateUnavailable:
                 self._errors.inc()
                 continue
+            await self.primary.reconnect()
             self.up = True
             self._up_gauge.set(1)
             log.warning("state backend back: limits are shared again", backend=self.primary.name)
