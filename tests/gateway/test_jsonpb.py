@@ -128,3 +128,56 @@ def test_bodies_that_are_not_objects(body: bytes) -> None:
 
 def test_tables_are_built_once() -> None:
     assert MessageCodec.for_type(chat_pb2.CreateChatCompletionRequest) is REQUEST
+
+
+EMBEDDING_REQUEST = MessageCodec.for_type(chat_pb2.CreateEmbeddingRequest)
+EMBEDDINGS = MessageCodec.for_type(chat_pb2.CreateEmbeddingResponse)
+
+
+@pytest.mark.parametrize(
+    ("value", "member"),
+    [
+        ("text", "input_text"),
+        (["a", "b"], "input_texts"),
+        ([1, 2, 2147483647], "input_tokens"),
+        ([[1, 2], [3]], "input_token_lists"),
+    ],
+)
+def test_a_oneof_with_several_array_members_picks_by_the_first_item(value: Any, member: str) -> None:
+    obj = {"model": "m", "input": value}
+    message = EMBEDDING_REQUEST.decode(obj)
+    assert message.WhichOneof("input") == member
+    assert orjson.loads(EMBEDDING_REQUEST.dumps(message)) == obj
+
+
+@pytest.mark.parametrize(
+    ("value", "param"),
+    [
+        ([1.5], "input[0]"),
+        (["a", 1], "input[1]"),
+        ([[1], 2], "input[1]"),
+        ([[1, "x"]], "input[0][1]"),
+        ([2**31], "input"),
+        ({"a": 1}, "input"),
+    ],
+)
+def test_array_members_name_the_bad_item(value: Any, param: str) -> None:
+    with pytest.raises(JsonMappingError) as raised:
+        EMBEDDING_REQUEST.decode({"input": value})
+    assert raised.value.param == param
+
+
+def test_bytes_are_base64_and_doubles_exact() -> None:
+    obj = {
+        "data": [
+            {"object": "embedding", "index": 0, "embedding": "AACAPwAAAMA="},
+            {"object": "embedding", "index": 1, "embedding": [0.1, -0.006929283495992422, 3.4028234663852886e38]},
+        ]
+    }
+    message = EMBEDDINGS.decode(obj)
+    assert message.data[0].embedding_base64 == b"\x00\x00\x80?\x00\x00\x00\xc0"  # 1.0, -2.0 as float32
+    assert list(message.data[1].embedding_floats.values) == obj["data"][1]["embedding"]
+    assert orjson.loads(EMBEDDINGS.dumps(message)) == obj
+    with pytest.raises(JsonMappingError) as raised:
+        EMBEDDINGS.decode({"data": [{"embedding": "not base64"}]})
+    assert raised.value.param == "data[0].embedding"
