@@ -4,7 +4,8 @@ A deployment that fails retryably `cooldown_failures` times within `cooldown_win
 skipped for `cooldown_seconds` while another candidate is available; after that it gets one trial
 request, which either heals it or sends it back to cooldown. Cooldown never refuses a request: when
 every candidate cools down, the request is the trial of the one whose cooldown ends first (see
-retry.AttemptPlan). State is per worker process.
+retry.AttemptPlan). State is per worker process; with `state.redis_url` every worker and replica also
+learns of the others' cooldowns within a second (service/tenancy/cooldown.py).
 
 Load balancing:
 - `weighted`: a random pick in proportion to `weight` (weight 0 takes traffic only when nothing else is
@@ -19,6 +20,7 @@ import random
 import time
 from collections import deque
 from collections.abc import Iterable
+from typing import Protocol
 
 from prometheus_client import Counter, Gauge
 
@@ -38,12 +40,17 @@ class DeploymentState:
         "cooldown_until",
         "deployment",
         "in_flight",
+        "model",
         "provider",
         "retries",
+        "shared",
         "state",
     )
 
     def __init__(self, model: str, deployment: Deployment, provider: Provider, settings: RoutingConfig) -> None:
+        self.model = model
+        # With a shared state backend: tells the other workers and replicas when this one cools or heals.
+        self.shared: CooldownListener | None = None
         self.deployment = deployment
         self.provider = provider
         self._settings = settings
@@ -69,6 +76,8 @@ class DeploymentState:
         if self.state != HEALTHY:
             self._failures.clear()
             self._set(HEALTHY)
+            if self.shared is not None:
+                self.shared.healed(self)
 
     def failed(self, now: float, counts: bool) -> None:
         """`counts`: the failure says something about the deployment (retryable), not the request."""
@@ -98,10 +107,33 @@ class DeploymentState:
         self._failures.clear()
         self.cooldown_until = now + self._settings.cooldown_seconds
         self._set(COOLDOWN)
+        if self.shared is not None:
+            self.shared.cooled(self, self._settings.cooldown_seconds)
+
+    def cool_remotely(self, seconds: float) -> None:
+        """Another worker or replica benched this deployment: skip it here too, for what is left of that
+        cooldown (then it gets its trial here as well). A trial in flight here is left to finish."""
+        until = time.monotonic() + seconds
+        if self.state == HEALTHY or (self.state == COOLDOWN and until > self.cooldown_until):
+            self._failures.clear()
+            self.cooldown_until = until
+            self._set(COOLDOWN)
+
+    def heal_remotely(self) -> None:
+        """Another worker or replica saw it answer: healthy here too, unless a trial is in flight."""
+        if self.state == COOLDOWN:
+            self._failures.clear()
+            self._set(HEALTHY)
 
     def _set(self, state: int) -> None:
         self.state = state
         self._gauge.set(state)
+
+
+class CooldownListener(Protocol):
+    def cooled(self, state: DeploymentState, seconds: float) -> None: ...
+
+    def healed(self, state: DeploymentState) -> None: ...
 
 
 class Balancer:

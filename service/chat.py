@@ -35,6 +35,7 @@ from .router import Router
 from .spans import RequestSpans
 from .spend import SpendMeter
 from .tenancy import Tenancy
+from .tenancy.cooldown import CooldownSync
 
 Batches = AsyncIterator[list[chat_pb2.ChatCompletionChunk]]
 MAX_CHOICES = 128  # OpenAI's limit on `n`
@@ -50,6 +51,7 @@ class ChatCore:
         # Calls being served; a core that a config reload replaced is closed once this is 0 (service/live.py).
         self.in_flight = 0
         self.tenancy = Tenancy.build(config)
+        self.cooldowns = CooldownSync.build(config, self.router.deployments())  # shared with Redis, if any
         self.spend = SpendMeter(config, writer_for(config.usage))  # prices resolved once; the ledger's writer
         usage_estimate.warm(config)
         self._fallbacks = {
@@ -370,6 +372,8 @@ class ChatCore:
         await self.router.close()
         if self.tenancy is not None:
             await self.tenancy.close()
+        if self.cooldowns is not None:
+            await self.cooldowns.close()
         await self.spend.close()  # the ledger's last records are written before the worker ends
 
 

@@ -65,6 +65,10 @@ class Router:
     def list_models(self) -> chat_pb2.ListModelsResponse:
         return self._models
 
+    def deployments(self) -> list[DeploymentState]:
+        """Every deployment's state, once each."""
+        return [state for balancer in self._balancers.values() for state in balancer.states]
+
     @property
     def providers(self) -> dict[str, Provider]:
         return self._providers

@@ -258,3 +258,35 @@ def test_a_redis_outage_never_fails_a_request_and_limits_are_exact_once_it_is_ba
     for reply in replies:
         if reply.status_code == 429:
             assert_well_formed_429(reply, "exact", 5)
+
+
+def test_a_deployment_benched_on_one_replica_is_benched_on_every_replica(
+    upstream: UsageUpstream, redis: RedisServer, tmp_path: Path
+) -> None:
+    from tests.fakes.upstream import FakeUpstream
+
+    bad = FakeUpstream().start()
+    bad.reply(500, {"error": {"message": "down", "type": "server_error", "param": None, "code": None}})
+    config = replica_config(upstream, redis)
+    config["auth"] = {}
+    config["providers"]["bad"] = {"type": "openai", "api_url": f"{bad.url}/v1", "api_key": "sk-bad-0000"}
+    config["models"]["split"] = {"deployments": [{"provider": "bad", "name": "bad"}, {"provider": "openai"}]}
+    # One failure benches a deployment for a minute; the retry goes to the other one.
+    config["routing"] = {"retries": 1, "cooldown_failures": 1, "cooldown_seconds": 60, "backoff_initial": 0.01}
+    first, second = start_replicas(config, tmp_path)
+    try:
+
+        def ask(replica: GatewayProcess) -> int:
+            return httpx.post(f"{replica.base_url}/v1/chat/completions", json=chat("split")).status_code
+
+        eventually(lambda: ask(first) == 200 and len(bad.received) > 0)  # the first replica benched it
+        state = 'llm_gateway_deployment_state{deployment="bad",model="split"}'
+        eventually(lambda: metric(second, state) == 1.0)  # the second learnt of it, unasked
+        time.sleep(2.5)  # every worker reads the shared cooldowns once a second
+        hits = len(bad.received)
+        assert [ask(replica) for replica in (first, second) * 12] == [200] * 24
+        assert len(bad.received) == hits, "a worker sent a request to the benched deployment"
+    finally:
+        first.stop()
+        second.stop()
+        bad.stop()
