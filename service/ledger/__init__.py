@@ -9,6 +9,7 @@ request path (`writer.LedgerWriter`).
 
 from __future__ import annotations
 
+import asyncio
 from urllib.parse import urlsplit
 
 from gateway.config import UsageConfig
@@ -29,19 +30,50 @@ def open_ledger(url: str) -> Ledger:
     return PostgresLedger(url)
 
 
+# The writers running in this process, by their settings and loop: a config reload that keeps `usage`
+# as it was shares the running writer (and what it holds while the database is away) with the new core.
+_running: dict[tuple[UsageConfig, asyncio.AbstractEventLoop], LedgerWriter] = {}
+
+
 def writer_for(usage: UsageConfig) -> LedgerWriter | None:
-    """The started writer of the configured ledger, or None when it is off. Needs a running loop."""
+    """The started writer of the configured ledger, or None when it is off; give it back with `release`.
+    Needs a running loop."""
     if not usage.database:
         return None
-    writer = LedgerWriter(
-        open_ledger(usage.database),
-        redacted(usage.database),
-        batch_size=usage.batch_size,
-        flush_interval=usage.flush_interval,
-        capacity=usage.buffer,
-    )
-    writer.start()
+    key = (usage, asyncio.get_running_loop())
+    writer = _running.get(key)
+    if writer is None or writer.closing:
+        writer = _running[key] = LedgerWriter(
+            open_ledger(usage.database),
+            redacted(usage.database),
+            batch_size=usage.batch_size,
+            flush_interval=usage.flush_interval,
+            capacity=usage.buffer,
+        )
+        writer.start()
+    writer.users += 1
     return writer
 
 
-__all__ = ["GROUPS", "SCHEMA_VERSION", "Ledger", "LedgerWriter", "UsageRecord", "open_ledger", "redacted", "writer_for"]
+async def release(writer: LedgerWriter) -> None:
+    """One user fewer; the last one's release writes what is left and closes the database."""
+    writer.users -= 1
+    if writer.users > 0:
+        return
+    for key, running in list(_running.items()):
+        if running is writer:
+            del _running[key]
+    await writer.close()
+
+
+__all__ = [
+    "GROUPS",
+    "SCHEMA_VERSION",
+    "Ledger",
+    "LedgerWriter",
+    "UsageRecord",
+    "open_ledger",
+    "redacted",
+    "release",
+    "writer_for",
+]

@@ -37,9 +37,14 @@ class LedgerWriter:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
+        self.users = 0  # the cores sharing this writer (service.ledger.writer_for / release)
         self._up: bool | None = None  # None: no write tried yet
         self.dropped = 0
         self._dropping = 0  # dropped since the buffer became full; logged once then, and when it ends
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
 
     @property
     def buffered(self) -> int:
@@ -59,8 +64,9 @@ class LedgerWriter:
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._run(), name="ledger-writer")
 
-    async def close(self, grace: float = 15.0) -> None:
-        """Write every buffered record (trying for up to `grace` seconds), then close the database."""
+    async def close(self, grace: float = 5.0) -> None:
+        """Write every buffered record (trying for up to `grace` seconds: less than the supervisor's
+        KILL_MARGIN, so a worker is never killed mid-flush), then close the database."""
         self._closing = True
         self._wake.set()
         if self._task is not None:

@@ -23,6 +23,7 @@ from prometheus_client.metrics import Counter
 from gateway import metrics
 from gateway.config import Config
 from llm_gateway.v1 import chat_pb2
+from service.ledger import release
 from service.ledger.base import UsageRecord
 
 from .prices import MICRO, Price, PriceTable, builtin, usd
@@ -133,7 +134,7 @@ class SpendMeter:
 
     async def close(self) -> None:
         if self.ledger is not None:
-            await self.ledger.close()
+            await release(self.ledger)
 
 
 def _caller(record: RequestRecord) -> tuple[str, str]:

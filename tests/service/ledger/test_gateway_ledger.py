@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import itertools
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +17,7 @@ import grpc
 import httpx
 import orjson
 import pytest
+import yaml
 from aiohttp import web
 
 from gateway.jsonpb import MessageCodec
@@ -426,3 +428,41 @@ def test_estimated_usage_is_priced_and_marked_estimated(
     records = {r.request_id: r for r in ledger_records(database)}
     assert (records[rid].estimated, records[rid].cost_micro) == (True, priced)
     assert (records[streamed].estimated, records[streamed].cost_micro) == (True, stream_priced)
+
+
+def test_a_config_reload_during_an_outage_keeps_the_buffered_records(
+    chat_upstream: Upstream,
+    broken: FakeUpstream,
+    gateway_factory: Callable[..., GatewayProcess],
+    postgres: PostgresServer,
+    postgres_url: str,
+) -> None:
+    config = gateway_config(chat_upstream, broken, postgres_url)
+    gateway = gateway_factory(config)
+    sent = []
+
+    def send(model: str, count: int) -> None:
+        for _ in range(count):
+            rid = request_id()
+            assert post(gateway, "/v1/chat/completions", chat(model), rid).status_code == 200
+            sent.append(rid)
+
+    send("gpt-4o", 2)
+    eventually(lambda: len(ledger_records(postgres_url)) == 2)
+    postgres.stop()
+    try:
+        send("gpt-4o", 5)
+        # A reload replaces the chat core; the usage settings are the same, so the new core keeps the writer
+        # and the five records it holds (a new writer would have dropped them with the old core).
+        config["models"]["mini"] = {"provider": "openai", "model": "gpt-4o-mini"}
+        assert gateway.config_path is not None
+        gateway.config_path.write_text(yaml.safe_dump(config))
+        gateway.process.send_signal(signal.SIGHUP)  # type: ignore[union-attr]
+        eventually(lambda: "mini" in httpx.get(f"{gateway.base_url}/v1/models", timeout=5).text)
+        send("mini", 3)
+        time.sleep(6)  # longer than a closing writer's grace
+    finally:
+        postgres.start()
+    eventually(lambda: len(ledger_records(postgres_url)) == 10)
+    assert sorted(r.request_id for r in ledger_records(postgres_url)) == sorted(sent)
+    assert gateway.stop() == 0
