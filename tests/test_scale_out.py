@@ -15,6 +15,7 @@ exit with the collector /metrics uses: what its /metrics would have answered aft
 from __future__ import annotations
 
 import itertools
+import re
 import signal
 import threading
 import time
@@ -30,13 +31,13 @@ import pytest
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
-from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.supervisor import KILL_MARGIN
 from tests.fakes.upstream import FakeUpstream, chunks, completion
-from tests.harness import GatewayProcess
-from tests.load_balancer import LoadBalancer, Served
+from tests.harness import ROOT, GatewayProcess
+from tests.load_balancer import FAIL_TIMEOUT, TEMPLATE, LoadBalancer, Served
 from tests.service.tenancy.conftest import RedisServer, redis_server  # noqa: F401  (the fixture)
+from tests.service.test_metrics import Samples, parse, scrape, tokens
 
 KEY = "sk-gw-scale-7d6c5b4a3f"
 SHUTDOWN_DELAY = 2.0
@@ -46,7 +47,6 @@ SIGTERM_AFTER = 120  # requests done before the SIGTERM
 LOAD_AFTER_EXIT = 90  # requests done by the survivor alone, after the drained replica has exited
 PIECES = 5
 PIECE_DELAY = 0.05  # a stream lasts about half a second: some are always in flight
-TOKENS = ("llm_gateway_prompt_tokens_total", "llm_gateway_completion_tokens_total", "llm_gateway_total_tokens_total")
 USAGE_FIELDS = ("prompt_tokens", "completion_tokens", "total_tokens")
 
 
@@ -171,33 +171,28 @@ class Load:
         return next(self.numbers)  # how many were started
 
 
-def eventually(condition: Callable[[], bool], timeout: float, message: str) -> None:
+def eventually(condition: Callable[[], bool], timeout: float, message: str | Callable[[], str]) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
-        assert time.monotonic() < deadline, message
+        assert time.monotonic() < deadline, message if isinstance(message, str) else message()
         time.sleep(0.05)
 
 
-def token_totals(exposition: str) -> dict[str, float]:
-    totals = dict.fromkeys(TOKENS, 0.0)
-    for family in text_string_to_metric_families(exposition):
-        for sample in family.samples:
-            if sample.name in totals:
-                # Every count is the upstream's; estimated ones exist only as the zeros made at start-up.
-                assert sample.labels["usage"] == "reported" or sample.value == 0, sample
-                totals[sample.name] += sample.value
-    return totals
-
-
-def final_exposition(metrics_dir: Path) -> str:
+def final_metrics(metrics_dir: Path) -> Samples:
     """What /metrics of a replica that has exited would answer: its workers' values as they stopped."""
     registry = CollectorRegistry()
     MultiProcessCollector(registry, path=str(metrics_dir))  # type: ignore[no-untyped-call]
-    return generate_latest(registry).decode()
+    return parse(generate_latest(registry))
 
 
-def scrape(replica: GatewayProcess) -> dict[str, float]:
-    return token_totals(httpx.get(f"{replica.base_url}/metrics", timeout=10).text)
+def summed(*replicas: Samples) -> tuple[float, ...]:
+    """Prompt, completion and total tokens over the replicas; every count is the upstream's, none estimated."""
+    assert all(tokens(samples, usage="estimated") == (0, 0, 0) for samples in replicas)
+    return tuple(sum(counts) for counts in zip(*(tokens(samples) for samples in replicas), strict=True))
+
+
+def readyz(replica: GatewayProcess) -> int:
+    return httpx.get(f"{replica.base_url}/readyz", timeout=10).status_code
 
 
 def ended_on(line: Served) -> str:
@@ -235,6 +230,8 @@ def test_two_replicas_behind_nginx_lose_no_request_when_one_drains(
         assert drained.process is not None
         signalled = time.time()
         drained.process.send_signal(signal.SIGTERM)
+        eventually(lambda: readyz(drained) == 503, SHUTDOWN_DELAY * 10, "/readyz never failed after the SIGTERM")
+        not_ready = time.time()
         code = drained.process.wait(SHUTDOWN_DELAY + SHUTDOWN_GRACE + KILL_MARGIN + 30)
         exited = time.time()
         load.wait_done(load.done + LOAD_AFTER_EXIT)
@@ -248,21 +245,23 @@ def test_two_replicas_behind_nginx_lose_no_request_when_one_drains(
     served = lb.served()
     assert len(served) == started and {line.status for line in served} == {200}
     # The test did what it says: both replicas served before the SIGTERM, the drained one went on serving
-    # during its drain (what shutdown_delay is for), and only the survivor served once it had exited.
+    # while its /readyz failed (what shutdown_delay is for), and only the survivor served once it had exited.
     assert {ended_on(line) for line in served if line.at < signalled} == set(address.values())
-    assert any(ended_on(line) == address[drained] for line in served if line.at > signalled)
+    assert any(ended_on(line) == address[drained] for line in served if line.at > not_ready)
     assert {ended_on(line) for line in served if line.at > exited} == {address[survivor]}
 
     upstream = reported(fake)
     assert upstream["total_tokens"] > 0
-    final = token_totals(final_exposition(metrics_dirs[0]))
-    assert final["llm_gateway_total_tokens_total"] > 0
-    expected = {metric: float(upstream[field]) for metric, field in zip(TOKENS, USAGE_FIELDS, strict=True)}
+    final = final_metrics(metrics_dirs[0])
+    assert summed(final)[2] > 0
+    expected = tuple(float(upstream[field]) for field in USAGE_FIELDS)
     # The survivor's other worker writes its values every half second: poll until they are in.
     eventually(
-        lambda: {m: final[m] + scrape(survivor)[m] for m in TOKENS} == expected,
+        lambda: summed(final, scrape(survivor)) == expected,
         30,
-        f"metrics {final} (drained) + {scrape(survivor)} (survivor) != the upstream's {expected}",
+        lambda: (
+            f"tokens {summed(final)} (drained) + {summed(scrape(survivor))} (survivor) != the upstream's {expected}"
+        ),
     )
 
     def charged() -> float:
@@ -270,5 +269,15 @@ def test_two_replicas_behind_nginx_lose_no_request_when_one_drains(
         return float(reply.split(b"\r\n")[1]) if reply.startswith(b"$") and not reply.startswith(b"$-1") else -1.0
 
     # Both replicas settled every request's reservation to its real usage in the shared bucket.
-    eventually(lambda: charged() == upstream["total_tokens"], 30, f"tpm bucket {charged()} != {upstream}")
+    eventually(lambda: charged() == upstream["total_tokens"], 30, lambda: f"tpm bucket {charged()} != {upstream}")
     assert survivor.stop() == 0
+
+
+def test_the_readme_shows_the_load_balancer_config_this_test_runs() -> None:
+    shown = re.findall(r"```nginx\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+    assert len(shown) == 1
+    template = TEMPLATE.read_text()
+    directives = [line.strip() for line in shown[0].splitlines() if line.strip().startswith(("proxy_", "keepalive "))]
+    assert len(directives) >= 5 and all(directive in template for directive in directives)
+    servers = [line for line in shown[0].splitlines() if re.match(r"\s*server \S+:\d+ ", line)]
+    assert servers and all(f"max_fails=1 fail_timeout={FAIL_TIMEOUT}s;" in line for line in servers)
