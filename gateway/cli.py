@@ -104,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _tenancy_notes(config: Config, log: logs.Logger) -> None:
     srv = config.server
+    if srv.grpc_target:  # a facade only: keys and limits are the remote service's
+        return
     if not config.auth.keys and not _loopback(srv.host):
         log.warning(
             "auth is off (no auth.keys) and the gateway listens beyond loopback: anyone who can reach it"
