@@ -116,14 +116,13 @@ ChatOrEmbedding = chat_pb2.CreateChatCompletionRequest | chat_pb2.CreateEmbeddin
 class _Pair:
     """What admitting one (key, model) pair needs, built at start-up."""
 
-    __slots__ = ("costs_prefix", "limited", "scopes", "too_large", "use")
+    __slots__ = ("limited", "scopes", "too_large", "use")
 
     def __init__(self, use: KeyUse, scopes: Scopes, limited: tuple[Counter, ...], too_large: tuple[Counter, ...]):
         self.use = use
         self.scopes = scopes
         self.limited = limited  # per charge, then per pool: the rate_limited_total child
         self.too_large = too_large  # per tokens bucket
-        self.costs_prefix = [1.0] * len(scopes.requests)
 
 
 class Tenancy:
