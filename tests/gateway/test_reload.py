@@ -16,6 +16,8 @@ from typing import Any
 import pytest
 import yaml
 
+from gateway.config import parse
+from gateway.reload import changes, effective
 from tests.fakes.upstream import FakeUpstream, chunks, completion
 from tests.harness import GatewayProcess
 from tests.rest_facade.rest import call, open_request, post, sse_json
@@ -340,3 +342,31 @@ def test_keys_added_and_removed_by_a_reload(
     assert report["keys_added"] == ["gamma"] and report["keys_removed"] == ["beta"]
     for process in stack.processes:
         assert not any(key in process.log_text() for key in (alpha, beta, gamma))
+
+
+def test_the_change_report_names_what_changed_and_never_a_value() -> None:
+    def parsed(**sections: Any) -> Any:
+        return parse({"providers": {"p": {"api_key": SECRET, "is_openai_compatible": True}}, **sections}, {})
+
+    old = parsed(models={"a": "p", "b": "p"}, server={"port": 8080, "shutdown_grace": 30})
+    new = parse(
+        {
+            "providers": {"p": {"api_key": NEW_SECRET, "is_openai_compatible": True}},
+            "models": {"b": "p", "c": "p"},
+            "server": {"port": 9090, "shutdown_grace": 5},
+            "routing": {"retries": 1},
+        },
+        {},
+    )
+    report = changes(old, new)
+    assert report == {
+        "models_added": ["c"],
+        "models_removed": ["a"],
+        "providers_changed": ["p"],
+        "sections_changed": ["routing"],
+    }
+    assert SECRET not in repr(report) and NEW_SECRET not in repr(report)
+    applied, restart = effective(old, new)
+    assert restart == ["server.port"]
+    assert applied.server.port == 8080 and applied.server.shutdown_grace == 5
+    assert changes(old, old) == {}
