@@ -102,6 +102,7 @@ class Reloader:
         self._digest = self._read_digest()
         self._rejected = ""  # the digest last refused, so a watch does not report the same bad file again
         self._lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[str]] = set()
         for result in RESULTS:
             metrics.CONFIG_RELOADS.labels(result)
         metrics.CONFIG_INFO.labels(self._digest).set(1)
@@ -178,7 +179,9 @@ class Reloader:
 
     def on_signal(self) -> None:
         """For loop.add_signal_handler(SIGHUP, ...)."""
-        asyncio.get_running_loop().create_task(self.reload("SIGHUP"))
+        task = asyncio.get_running_loop().create_task(self.reload("SIGHUP"))
+        self._tasks.add(task)  # the loop holds tasks weakly
+        task.add_done_callback(self._tasks.discard)
 
     async def watch(self, stop: asyncio.Event) -> None:
         """Reload on every change in the config file's directory until `stop` is set."""
