@@ -16,6 +16,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import orjson
 import pytest
 import yaml
 from kubernetes_validate.utils import all_versions  # type: ignore[import-untyped]
@@ -493,17 +495,29 @@ def test_readme_applies_every_overlay_and_nothing_else() -> None:
 # ---------------------------------------------------------------------------------------------- a live gateway
 
 
+def kubelet_update(mount: Path, text: str) -> None:
+    """Write config.yml into a ConfigMap volume the way the kubelet does: a new timestamped directory, then
+    an atomic rename of the `..data` symlink onto it. `config.yml` itself is a symlink through `..data`."""
+    data = mount / f"..{time.time_ns()}"
+    data.mkdir(parents=True)
+    (data / "config.yml").write_text(text, encoding="utf-8")
+    old = (mount / "..data").readlink() if (mount / "..data").is_symlink() else None
+    (mount / "..data_tmp").symlink_to(data.name)
+    (mount / "..data_tmp").rename(mount / "..data")
+    if not (mount / "config.yml").is_symlink():
+        (mount / "config.yml").symlink_to("..data/config.yml")
+    if old is not None:
+        shutil.rmtree(mount / old)
+
+
 @pytest.fixture
-def configmap_gateway(target: Path, tmp_path: Path) -> Iterator[tuple[Rendered, GatewayProcess]]:
-    """The gateway started from the base's ConfigMap, laid out on disk as the kubelet mounts it."""
+def configmap_gateway(target: Path, tmp_path: Path) -> Iterator[tuple[Rendered, GatewayProcess, Path]]:
+    """The gateway started from the base's ConfigMap, mounted as the kubelet mounts it, with the Deployment's env."""
     rendered = render(target)
     mount = tmp_path / "etc-llm-gateway"
-    data = mount / "..2026_01_01_00_00_00.000000001"
-    data.mkdir(parents=True)
-    (data / "config.yml").write_text(rendered.config_yaml, encoding="utf-8")
-    (mount / "..data").symlink_to(data.name)
-    (mount / "config.yml").symlink_to("..data/config.yml")
+    kubelet_update(mount, rendered.config_yaml)
     env = rendered.environ()
+    assert env["CONFIG_PATH"] == "/etc/llm-gateway/config.yml"
     env.update(
         CONFIG_PATH=str(mount / "config.yml"),
         # Loopback stand-ins for what the pod has: its emptyDir, and no wait at SIGTERM.
@@ -511,7 +525,7 @@ def configmap_gateway(target: Path, tmp_path: Path) -> Iterator[tuple[Rendered, 
         SHUTDOWN_DELAY="0",
     )
     process = GatewayProcess(None, tmp_path, env=env).start()
-    yield rendered, process
+    yield rendered, process, mount
     process.stop()
 
 
@@ -525,9 +539,9 @@ def _get(url: str) -> tuple[int, bytes]:
 
 @pytest.mark.parametrize("target", [KUSTOMIZE_ROOT / "base"], ids=["base"])
 def test_probes_and_metrics_answer_on_a_gateway_run_from_the_configmap(
-    configmap_gateway: tuple[Rendered, GatewayProcess],
+    configmap_gateway: tuple[Rendered, GatewayProcess, Path],
 ) -> None:
-    rendered, process = configmap_gateway
+    rendered, process, _ = configmap_gateway
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         path = rendered.container[probe]["httpGet"]["path"]
         status, body = _get(process.base_url + path)
@@ -535,6 +549,23 @@ def test_probes_and_metrics_answer_on_a_gateway_run_from_the_configmap(
     (monitor,) = rendered.all("ServiceMonitor")
     status, body = _get(process.base_url + monitor["spec"]["endpoints"][0]["path"])
     assert status == 200 and b"llm_gateway_" in body
+
+
+@pytest.mark.parametrize("target", [KUSTOMIZE_ROOT / "base"], ids=["base"])
+def test_an_edited_configmap_is_reloaded_in_place(configmap_gateway: tuple[Rendered, GatewayProcess, Path]) -> None:
+    """What `kubectl apply -k` after an edit of config.yml does to a pod: the same ConfigMap (no hash suffix)
+    gets new data, the kubelet swaps the mount's symlink, and the running gateway serves the new model."""
+    rendered, process, mount = configmap_gateway
+    assert "  dummy: dummy\n" in rendered.config_yaml
+    kubelet_update(mount, rendered.config_yaml.replace("  dummy: dummy\n", "  dummy: dummy\n  k8s-added: dummy\n"))
+    deadline = time.monotonic() + 30
+    while True:
+        status, body = _get(process.base_url + "/v1/models")
+        assert status == 200, body
+        if "k8s-added" in {model["id"] for model in orjson.loads(body)["data"]}:
+            break
+        assert time.monotonic() < deadline, f"the swapped ConfigMap was not reloaded:\n{process.log_text()}"
+        time.sleep(0.2)
 
 
 @pytest.mark.parametrize("target", [KUSTOMIZE_ROOT / "base"], ids=["base"])
