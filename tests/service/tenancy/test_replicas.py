@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -226,8 +227,8 @@ def test_slots_of_a_killed_replica_come_back_within_the_lease(
             killed = time.monotonic()
             stack.close()
         eventually(lambda: post(survivor, PARALLEL).status_code == 200, timeout=LEASE + 5)
-        # The slots came back by their expiry: within the lease (and the wait between two polls).
-        assert time.monotonic() - killed <= LEASE + 1.0
+        # The slots came back by their expiry: within the lease (plus the polls' own time on a busy machine).
+        assert time.monotonic() - killed <= LEASE + 2.0
     finally:
         survivor.stop()
         doomed.stop()
@@ -238,10 +239,20 @@ def test_a_redis_outage_never_fails_a_request_and_limits_are_exact_once_it_is_ba
 ) -> None:
     up = 'llm_gateway_state_backend_up{backend="redis"}'
     assert [metric(r, up) for r in replicas] == [1.0, 1.0]
-    redis.stop()
+    done = threading.Semaphore(0)
+
+    def steady(i: int) -> int:
+        status = post(replicas[i % 2], STEADY).status_code
+        done.release()
+        return status
+
     try:
-        replies = burst(replicas, STEADY, 40)
-        assert [r.status_code for r in replies] == [200] * 40
+        with ThreadPoolExecutor(4) as pool:
+            running = pool.map(steady, range(80))
+            for _ in range(20):
+                done.acquire()
+            redis.stop()  # in the middle of the run, with requests in flight
+            assert list(running) == [200] * 80
         for replica in replicas:
             eventually(lambda replica=replica: metric(replica, up) == 0.0)
             errors = metric(replica, 'llm_gateway_state_backend_errors_total{backend="redis"}')
