@@ -581,3 +581,22 @@ def test_liveness_does_not_check_dependencies(target: Path, tmp_path: Path) -> N
         assert _get(process.base_url + ready)[0] == 503
     finally:
         process.stop()
+
+
+def test_readme_states_the_manifests_numbers() -> None:
+    rendered = render(KUSTOMIZE_ROOT)
+    section = README.split("## Kubernetes", 1)[1].split("\n## ", 1)[0]
+    env, (hpa,) = rendered.environ(), rendered.all("HorizontalPodAutoscaler")
+    stated = {
+        r"sleeps (\d+) s in preStop": rendered.container["lifecycle"]["preStop"]["exec"]["command"][1],
+        r"`SHUTDOWN_DELAY` \((\d+) s\)": env["SHUTDOWN_DELAY"],
+        r"`SHUTDOWN_GRACE` \((\d+) s\)": env["SHUTDOWN_GRACE"],
+        r"`terminationGracePeriodSeconds` \((\d+)\)": str(rendered.pod["terminationGracePeriodSeconds"]),
+        r"keeps (\d+) to \d+ replicas": str(hpa["spec"]["minReplicas"]),
+        r"keeps \d+ to (\d+) replicas": str(hpa["spec"]["maxReplicas"]),
+        r"at (\d+)% of the CPU request": str(hpa["spec"]["metrics"][0]["resource"]["target"]["averageUtilization"]),
+    }
+    for pattern, value in stated.items():
+        found = re.search(pattern, " ".join(section.split()))
+        assert found, f"the README's Kubernetes section no longer says {pattern!r}"
+        assert found.group(1) == value, f"the README says {found.group(0)!r}, the manifests {value}"
