@@ -431,11 +431,11 @@ def test_hpa_pdb_and_selectors(target: Path) -> None:
     deployment = rendered.deployment
     labels = deployment["spec"]["template"]["metadata"]["labels"]
     assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()
-    # The HPA owns the replica count; a spec.replicas here would scale back to it on every `kubectl apply`.
-    assert "replicas" not in deployment["spec"]
     assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
 
     (hpa,) = rendered.all("HorizontalPodAutoscaler")
+    # Two replicas from the first apply: the HPA's minimum, so the HPA never has to scale up to it.
+    assert deployment["spec"]["replicas"] == hpa["spec"]["minReplicas"] == 2
     assert hpa["apiVersion"] == "autoscaling/v2"
     assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "llm-gateway"}
     assert hpa["spec"]["minReplicas"] >= 2
