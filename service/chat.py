@@ -164,9 +164,7 @@ class ChatCore:
                             reasons.extend(c.finish_reason for c in chunk.choices if c.HasField("finish_reason"))
                         if chunk.HasField("usage"):
                             record.usage = chunk.usage
-                            if wants_usage:
-                                self.spend.stamp(record, chunk.usage)  # a stream's cost rides in its usage
-                            else:
+                            if not wants_usage:
                                 if not chunk.choices:  # the usage-only chunk the client did not ask for
                                     out = [c for c in out if c is not chunk]
                                     continue
@@ -202,7 +200,6 @@ class ChatCore:
             if record.usage is None:  # the upstream reported none: the gateway counts it (only then)
                 estimate = usage_estimate.settle_stream(record, request, seen)
                 if wants_usage:
-                    self.spend.stamp(record, estimate.usage)
                     record.chunks += 1
                     yield [estimate]
         except BaseException as exc:

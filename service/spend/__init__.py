@@ -1,11 +1,10 @@
 """Spend: prices, the cost of each request, and its hand-off to the usage ledger."""
 
-from .meter import COST_HEADER, USAGE_COST_FIELD, SpendMeter, cached_tokens
+from .meter import COST_HEADER, SpendMeter, cached_tokens
 from .prices import Price, PriceError, PriceTable, builtin, load_table, usd
 
 __all__ = [
     "COST_HEADER",
-    "USAGE_COST_FIELD",
     "Price",
     "PriceError",
     "PriceTable",

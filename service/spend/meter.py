@@ -4,12 +4,12 @@ Prices are resolved once at start-up for every (configured model, deployment) pa
 `price:` if it has one, else the built-in table's price of the deployment's upstream model. A request
 then costs one dict lookup, integer arithmetic, and a tuple appended to the ledger's buffer.
 
-Where the cost travels:
-  - unary calls: the `x-llm-gateway-cost-usd` response header (REST) or trailing metadata entry (gRPC);
-  - streams: the gRPC trailing metadata, and in the final usage chunk as `usage.x_llm_gateway_cost_usd`
-    when the client asked for usage (`stream_options.include_usage`). A REST stream's headers leave
-    before its usage exists, so it has no cost header.
-Both are decimal USD with six places; an unpriced model gets neither (its cost is unknown, not zero).
+Where the cost travels, as `x-llm-gateway-cost-usd` with decimal USD to six places, set into the call's
+response metadata when it ends (an unpriced model gets none: its cost is unknown, not zero):
+  - gRPC: trailing metadata, unary and streamed;
+  - REST unary: a response header.
+A REST stream's headers leave before its usage exists, and its chunks reach the client unchanged (the
+facade's contract: OpenAI's framing and nothing else), so its cost is in the ledger and the metrics.
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ if TYPE_CHECKING:
     from service.ledger.writer import LedgerWriter
 
 COST_HEADER = "x-llm-gateway-cost-usd"
-USAGE_COST_FIELD = "x_llm_gateway_cost_usd"  # beside usage_estimate's x_llm_gateway_estimated
 NO_KEY = "none"  # the key label and ledger key name of a call made without a gateway key (auth off)
 
 
@@ -71,13 +70,6 @@ class SpendMeter:
     def price(self, record: RequestRecord) -> Price | None:
         return self.prices.get((record.served_by, record.deployment))
 
-    def stamp(self, record: RequestRecord, usage: chat_pb2.Usage) -> None:
-        """A stream's usage chunk carries its cost (the only place a REST stream can)."""
-        price = self.price(record)
-        if price is not None:
-            cost = price.cost(usage.prompt_tokens, cached_tokens(usage), usage.completion_tokens)
-            usage.extra[USAGE_COST_FIELD] = usd(cost)  # raw JSON: a number with six decimals
-
     def settle(self, record: RequestRecord, status: int, elapsed: float) -> None:
         """Count the request's cost and hand its record to the ledger; runs once, in `finish`."""
         usage = record.usage
@@ -91,7 +83,7 @@ class SpendMeter:
             if price is None:
                 self._unpriced_counter(route.model, route.provider).inc()
             else:
-                cost = price.cost(prompt, cached, completion)
+                cost = record.cost = price.cost(prompt, cached, completion)
                 self._cost_counter(route.model, route.provider, key, team).inc(cost / MICRO)
                 if status == 200:
                     record.call.response_metadata[COST_HEADER] = usd(cost)
