@@ -294,6 +294,15 @@ def has_finite_value(answer: dict[str, Any]) -> bool:
     return any(math.isfinite(float(s)) for s in samples)
 
 
+def answered(prometheus: Prometheus, query: str, where: str) -> dict[str, Any]:
+    """The answer to a dashboard query, which must parse and hold data with a finite value."""
+    answer = prometheus.query(query)
+    assert answer["status"] == "success", f"{where}: {query}: {answer}"
+    assert answer["data"]["result"], f"{where}: no data for {query}"
+    assert has_finite_value(answer), f"{where}: only NaN for {query}: {answer}"
+    return answer
+
+
 # ---------------------------------------------------------------------------------------------- the test
 
 
@@ -356,10 +365,7 @@ def test_every_dashboard_query_returns_data_and_token_totals_are_exact(
                 if title in KEY_PANEL_TITLES:  # needs keys, limits and Redis: test_prometheus_keys.py
                     continue
                 query = substitute(expr, variables)
-                answer = prometheus.query(query)
-                assert answer["status"] == "success", f"{path.name}: {title}: {query}: {answer}"
-                assert answer["data"]["result"], f"{path.name}: {title}: no data for {query}"
-                assert has_finite_value(answer), f"{path.name}: {title}: only NaN for {query}: {answer}"
+                answer = answered(prometheus, query, f"{path.name}: {title}")
                 cumulative = _CUMULATIVE_TOKENS.search(query)
                 if cumulative and "[" not in query:  # a cumulative token panel: exactly what upstream sent
                     labels, kind = cumulative.groups()

@@ -3,12 +3,10 @@ real Redis: every query of the row returns data, and the per-key counts are exac
 
 from __future__ import annotations
 
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import orjson
+import httpx
 import pytest
 
 from tests.fakes.upstream import FakeUpstream
@@ -17,9 +15,9 @@ from tests.observability.stack import DASHBOARD_FILES, KEY_PANEL_TITLES, express
 from tests.observability.test_prometheus import (  # noqa: F401 - prometheus_for is a fixture
     UNARY_USAGE,
     Prometheus,
+    answered,
     dashboard_variables,
     eventually,
-    has_finite_value,
     post_chat,
     prometheus_for,
     substitute,
@@ -76,20 +74,13 @@ def test_the_per_key_row_against_prometheus(
     prometheus = prometheus_for(gateway)
     body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "Hello"}]}
     statuses: list[int] = []
+    tight = {"authorization": "Bearer tight-client-key"}
 
     def one_round() -> None:
         statuses.extend(post_chat(gateway, body) for _ in range(2))  # post_chat sends "Bearer client-key"
         for _ in range(2):
-            request = urllib.request.Request(
-                f"{gateway.base_url}/v1/chat/completions",
-                data=orjson.dumps(body),
-                headers={"content-type": "application/json", "authorization": "Bearer tight-client-key"},
-            )
-            try:
-                with urllib.request.urlopen(request, timeout=10) as response:
-                    statuses.append(response.status)
-            except urllib.error.HTTPError as exc:
-                statuses.append(exc.code)
+            reply = httpx.post(f"{gateway.base_url}/v1/chat/completions", json=body, headers=tight, timeout=10)
+            statuses.append(reply.status_code)
 
     def scraped() -> float | None:
         return prometheus.scalar("sum(llm_gateway_key_requests_total)")
@@ -125,11 +116,7 @@ def test_the_per_key_row_against_prometheus(
     for title, expr in expressions(dashboard):
         if title not in KEY_PANEL_TITLES:
             continue
-        query = substitute(expr, variables)
-        answer = prometheus.query(query)
-        assert answer["status"] == "success", f"{title}: {query}: {answer}"
-        assert answer["data"]["result"], f"{title}: no data for {query}"
-        assert has_finite_value(answer), f"{title}: only NaN for {query}"
+        answered(prometheus, substitute(expr, variables), title)
         checked += 1
     assert checked == 5
     # No key's secret reached a label.

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.harness import free_port
+from tests.service.tenancy.upstream import UsageUpstream
 
 
 class RedisServer:
@@ -66,5 +67,12 @@ class RedisServer:
 @pytest.fixture
 def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     server = RedisServer(tmp_path).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[UsageUpstream]:
+    server = UsageUpstream().start()
     yield server
     server.stop()

@@ -21,7 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from gateway.errors import STATUS_DETAILS_KEY
 from llm_gateway.v1 import chat_pb2, chat_pb2_grpc
 from tests.harness import GatewayProcess
-from tests.service.tenancy.upstream import HELD, UsageUpstream
+from tests.service.tenancy.upstream import HELD, UsageUpstream, hold
 
 ALPHA = "sk-gw-alpha-5f1c9e0a7d"
 BETA = "sk-gw-beta-8b2d4c6e1f"
@@ -52,13 +52,6 @@ def tenancy_config(upstream: UsageUpstream, level: str = "INFO") -> dict[str, An
         },
         "limits": {"default_max_tokens": 100, "gpt-4o": {"rpm": 1000, "tpm": 1_000_000}},
     }
-
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[UsageUpstream]:
-    server = UsageUpstream().start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -260,13 +253,8 @@ def test_a_slot_is_released_when_a_rest_stream_is_cancelled(gateway: GatewayProc
         with httpx.Client(base_url=gateway.base_url, timeout=10) as client:
             return client.post("/v1/chat/completions", json=chat(), headers=bearer(ONE)).status_code
 
-    with (
-        httpx.Client(base_url=gateway.base_url, timeout=10) as holder,
-        holder.stream("POST", "/v1/chat/completions", json=chat(HELD, stream=True), headers=bearer(ONE)) as held,
-    ):
-        assert held.status_code == 200
-        reading = held.iter_bytes()
-        next(reading)  # the first chunk: the call is in flight, holding the key's one slot
+    with contextlib.ExitStack() as stack:
+        _held = hold(stack, gateway.base_url, bearer(ONE))  # in flight, holding the key's one slot
         refused = httpx.post(f"{gateway.base_url}/v1/chat/completions", json=chat(), headers=bearer(ONE), timeout=10)
         assert refused.status_code == 429
         assert "on parallel requests: Limit 1, Used 1, Requested 1." in refused.json()["error"]["message"]
@@ -390,12 +378,8 @@ def test_a_config_reload_keeps_the_limits_and_the_slots_in_use(upstream: UsageUp
     config["auth"]["keys"] = [{"name": "kept", "key": ONE, "limits": {"rpm": 3, "max_parallel": 1}}]
     gateway = GatewayProcess(config, tmp_path).start()
     try:
-        with (
-            httpx.Client(base_url=gateway.base_url, timeout=10) as holder,
-            holder.stream("POST", "/v1/chat/completions", json=chat(HELD, stream=True), headers=bearer(ONE)) as held,
-        ):
-            reading = held.iter_bytes()
-            next(reading)  # one of the key's 3 requests, and its one slot, held across the reload
+        with contextlib.ExitStack() as stack:
+            _held = hold(stack, gateway.base_url, bearer(ONE))  # one of the 3 requests, and the slot, held
             config["models"]["later"] = "openai"  # any change
             assert gateway.config_path is not None and gateway.process is not None
             gateway.config_path.write_text(yaml.safe_dump(config))

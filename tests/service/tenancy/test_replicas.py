@@ -18,7 +18,7 @@ import pytest
 
 from tests.harness import GatewayProcess
 from tests.service.tenancy.conftest import RedisServer
-from tests.service.tenancy.upstream import HELD, UsageUpstream
+from tests.service.tenancy.upstream import HELD, UsageUpstream, hold
 
 BURST = "sk-gw-burst-6a1b2c3d4e"
 TOKENS = "sk-gw-tokens-5e4d3c2b1a"
@@ -48,13 +48,6 @@ def replica_config(upstream: UsageUpstream, redis: RedisServer) -> dict[str, Any
         # would (rightly) be served by the in-process fallback, which is not what these tests measure.
         "state": {"redis_url": redis.url, "slot_lease": LEASE, "timeout": 2.0},
     }
-
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[UsageUpstream]:
-    server = UsageUpstream().start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -166,18 +159,7 @@ def test_tokens_reconcile_exactly_with_the_providers_usage(
 
 def test_max_parallel_holds_across_replicas(replicas: list[GatewayProcess], upstream: UsageUpstream) -> None:
     with contextlib.ExitStack() as stack:
-        held = []
-        for i in range(3):
-            client = stack.enter_context(httpx.Client(base_url=replicas[i % 2].base_url, timeout=10))
-            response = stack.enter_context(
-                client.stream(
-                    "POST", "/v1/chat/completions", json=chat(HELD, stream=True), headers={"api-key": PARALLEL}
-                )
-            )
-            assert response.status_code == 200
-            reading = response.iter_bytes()
-            next(reading)
-            held.append(reading)
+        _held = [hold(stack, replicas[i % 2].base_url, {"api-key": PARALLEL}) for i in range(3)]
         time.sleep(LEASE * 1.5)  # longer than a lease: the slots of calls still running are renewed, not lost
         for replica in replicas:
             for _ in range(2):
@@ -207,18 +189,7 @@ def test_slots_of_a_killed_replica_come_back_within_the_lease(
     doomed, survivor = start_replicas(config, tmp_path)
     try:
         with contextlib.ExitStack() as stack:
-            held = []
-            for _ in range(2):
-                client = stack.enter_context(httpx.Client(base_url=doomed.base_url, timeout=10))
-                response = stack.enter_context(
-                    client.stream(
-                        "POST", "/v1/chat/completions", json=chat(HELD, stream=True), headers={"api-key": PARALLEL}
-                    )
-                )
-                assert response.status_code == 200
-                reading = response.iter_raw()
-                next(reading)
-                held.append(reading)  # kept: a dropped iterator would close the stream
+            _held = [hold(stack, doomed.base_url, {"api-key": PARALLEL}) for _ in range(2)]
             assert post(survivor, PARALLEL).status_code == 429
             assert doomed.process is not None
             for pid in _tree(doomed.process.pid):  # the whole replica, workers too, with no chance to clean up

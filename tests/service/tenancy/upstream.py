@@ -4,10 +4,13 @@ that hold their connection open (calls in flight) for the model "held"."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import threading
+from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import orjson
 from aiohttp import web
 
@@ -77,3 +80,15 @@ class UsageUpstream:
         finally:
             with self.lock:
                 self.active -= 1
+
+
+def hold(stack: contextlib.ExitStack, base_url: str, headers: dict[str, str]) -> Iterator[bytes]:
+    """A stream of the model "held" that stays open (a call in flight) until `stack` closes; its first
+    chunk has arrived. Keep the iterator: dropping it would close the stream."""
+    client = stack.enter_context(httpx.Client(base_url=base_url, timeout=10))
+    body = {"model": HELD, "stream": True, "messages": [{"role": "user", "content": "Hello"}]}
+    response = stack.enter_context(client.stream("POST", "/v1/chat/completions", json=body, headers=headers))
+    assert response.status_code == 200, response.read()
+    reading = response.iter_raw()
+    next(reading)
+    return reading
