@@ -34,7 +34,7 @@ $(REAL_STAMP):
 	touch $(REAL_STAMP)
 
 test-real: setup $(REAL_STAMP)
-	LLM_GATEWAY_REAL_PYTHON=$(REAL_VENV)/bin/python $(BIN)/python -m pytest tests/real -v
+	LLM_GATEWAY_REAL_PYTHON=$(abspath $(REAL_VENV))/bin/python $(BIN)/python -m pytest tests/real -v
 
 bench: setup
 	$(BIN)/python -m bench
