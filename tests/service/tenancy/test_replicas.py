@@ -272,3 +272,32 @@ def test_a_deployment_benched_on_one_replica_is_benched_on_every_replica(
         first.stop()
         second.stop()
         bad.stop()
+
+
+def test_a_redis_that_is_down_at_start_or_stops_answering_never_fails_a_request(
+    upstream: UsageUpstream, tmp_path: Path
+) -> None:
+    redis = RedisServer(tmp_path)  # not started yet: the gateway starts without its Redis
+    config = replica_config(upstream, redis)
+    config["state"]["timeout"] = 0.2
+    gateway = GatewayProcess(config, tmp_path).start()
+    up = 'llm_gateway_state_backend_up{backend="redis"}'
+    try:
+        assert [post(gateway, STEADY).status_code for _ in range(5)] == [200] * 5
+        assert metric(gateway, up) == 0.0
+        redis.start()
+        eventually(lambda: metric(gateway, up) == 1.0)
+        assert post(gateway, EXACT).status_code == 200
+        assert redis.process is not None
+        redis.process.send_signal(signal.SIGSTOP)  # alive, connected, silent: every call times out
+        try:
+            assert [post(gateway, STEADY).status_code for _ in range(8)] == [200] * 8
+            assert metric(gateway, up) == 0.0
+        finally:
+            redis.process.send_signal(signal.SIGCONT)
+        eventually(lambda: metric(gateway, up) == 1.0)
+        # Exact again: EXACT's bucket in Redis still holds the request it took before the pause.
+        assert sorted(post(gateway, EXACT).status_code for _ in range(6)) == [200] * 4 + [429] * 2
+    finally:
+        gateway.stop()
+        redis.stop()
