@@ -13,6 +13,7 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import openai
 import pytest
@@ -80,24 +81,27 @@ def _client(gateway: GatewayProcess) -> openai.OpenAI:
 MESSAGES: list[dict[str, str]] = [{"role": "user", "content": "Name three colours."}]
 
 
-def test_streamed_tokens_are_counted(gateway: GatewayProcess) -> None:
+def _stream(gateway: GatewayProcess, **options: Any) -> list[Any]:
     with _client(gateway) as client:
         stream = client.chat.completions.create(
             model="smollm2",
             messages=MESSAGES,  # type: ignore[arg-type]
-            max_tokens=24,
             temperature=0,
             stream=True,
-            stream_options={"include_usage": True},
+            **options,
         )
-        chunks = list(stream)
+        return list(stream)
+
+
+def test_streamed_tokens_are_counted(gateway: GatewayProcess) -> None:
+    chunks = _stream(gateway, max_tokens=24, stream_options={"include_usage": True})
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text.strip(), "the model said nothing"
     usage = chunks[-1].usage
     assert usage is not None and usage.completion_tokens > 0
     samples = scrape(gateway)
     if (usage.model_extra or {}).get(ESTIMATED):
-        # llama.cpp sent no usage: the gateway counted it, and the metrics say so.
+        # llama.cpp sent no usage (llama-cpp-python's server ignores stream_options): the gateway counted it.
         assert usage.completion_tokens == sum(toktok.batch_count([text], "cl100k_base"))
         kind = "estimated"
     else:
@@ -108,14 +112,6 @@ def test_streamed_tokens_are_counted(gateway: GatewayProcess) -> None:
 
 
 def test_streams_without_include_usage_are_counted(gateway: GatewayProcess) -> None:
-    with _client(gateway) as client:
-        stream = client.chat.completions.create(
-            model="smollm2",
-            messages=MESSAGES,  # type: ignore[arg-type]
-            max_tokens=16,
-            temperature=0,
-            stream=True,
-        )
-        chunks = list(stream)
+    chunks = _stream(gateway, max_tokens=16)
     assert all(c.usage is None for c in chunks)
     assert tokens(scrape(gateway), model="smollm2")[1] > 0  # llm_gateway_completion_tokens_total is no longer 0

@@ -23,11 +23,11 @@ VECTORS = [[struct.unpack("<f", struct.pack("<f", x))[0] for x in (0.5, -0.125, 
 
 
 @pytest.fixture
-def fakes() -> Iterator[dict[str, FakeUpstream]]:
-    servers = {name: FakeUpstream().start() for name in ("main", "spare")}
-    yield servers
-    for server in servers.values():
-        server.stop()
+def fakes(upstream: FakeUpstream) -> Iterator[dict[str, FakeUpstream]]:
+    """The model's upstream (the conftest's), and its fallback's."""
+    spare = FakeUpstream().start()
+    yield {"main": upstream, "spare": spare}
+    spare.stop()
 
 
 @pytest.fixture
