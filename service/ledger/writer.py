@@ -34,6 +34,7 @@ class LedgerWriter:
         self.flush_interval = flush_interval
         self.capacity = capacity
         self._buffer: deque[UsageRecord] = deque()
+        self._flight: list[UsageRecord] = []  # the batch being written
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
@@ -49,6 +50,11 @@ class LedgerWriter:
     @property
     def buffered(self) -> int:
         return len(self._buffer)
+
+    def pending(self) -> list[UsageRecord]:
+        """The records not written yet, the batch being written included (budgets count them when they
+        seed from the ledger: a batch whose commit races the seed's read is counted twice, never missed)."""
+        return [*self._flight, *self._buffer]
 
     def add(self, record: UsageRecord) -> None:
         """Hand a record over (on the request path: an append, and a length check or two)."""
@@ -76,6 +82,8 @@ class LedgerWriter:
                 self._task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await self._task
+                self._buffer.extendleft(reversed(self._flight))  # cut short mid-write: not written either
+                self._flight = []
         if self._buffer:
             lost = len(self._buffer)
             self._buffer.clear()
@@ -107,19 +115,21 @@ class LedgerWriter:
                 if self._closing:
                     return
                 continue
-            batch = [buffer.popleft() for _ in range(min(self.batch_size, len(buffer)))]
+            batch = self._flight = [buffer.popleft() for _ in range(min(self.batch_size, len(buffer)))]
             if len(buffer) < self.batch_size:
                 self._wake.clear()  # set for the batch just taken: the next wait is a real one
             try:
                 await self.ledger.write(batch)
             except Exception as exc:
                 metrics.LEDGER_ERRORS.inc()
+                self._flight = []
                 self._put_back(batch)
                 self._set_up(False, exc)
                 metrics.LEDGER_BUFFERED.set(len(buffer))
                 await self._pause(retry)
                 retry = min(retry * 2, _RETRY_MAX)
                 continue
+            self._flight = []
             retry = _RETRY_FIRST
             metrics.LEDGER_WRITTEN.inc(len(batch))
             self._set_up(True)

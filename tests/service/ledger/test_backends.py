@@ -302,6 +302,54 @@ def test_a_full_buffer_drops_the_oldest_and_counts_them(outage: Outage) -> None:
     run(go())
 
 
+class WriteLock:
+    """Another connection holding the table's write lock: the writer's batch waits, in flight, until it goes."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._sqlite: sqlite3.Connection | None = None
+        self._postgres: Any = None
+
+    async def take(self) -> None:
+        if self.url.startswith("sqlite"):
+            self._sqlite = sqlite3.connect(path_of(self.url), isolation_level=None)
+            self._sqlite.execute("BEGIN EXCLUSIVE")
+        else:
+            self._postgres = await asyncpg.connect(self.url)
+            await self._postgres.execute(f"BEGIN; LOCK TABLE {TABLE} IN ACCESS EXCLUSIVE MODE")
+
+    async def give_back(self) -> None:
+        if self._sqlite is not None:
+            self._sqlite.execute("ROLLBACK")
+            self._sqlite.close()
+        if self._postgres is not None:
+            await self._postgres.execute("ROLLBACK")
+            await self._postgres.close()
+
+
+def test_pending_holds_every_unwritten_record_the_batch_being_written_included(ledger_url: str) -> None:
+    async def go() -> None:
+        writer = LedgerWriter(open_ledger(ledger_url), redacted(ledger_url), batch_size=2, flush_interval=0.01)
+        writer.start()
+        writer.add(record(0))
+        reader = open_ledger(ledger_url)
+        await until(lambda: _count(reader, 1))
+        lock = WriteLock(ledger_url)
+        await lock.take()
+        for n in range(1, 6):
+            writer.add(record(n))
+        await asyncio.sleep(0.3)  # a batch of two is out of the buffer, waiting on the lock
+        assert writer.buffered < 5
+        assert writer.pending() == [record(n) for n in range(1, 6)]
+        await lock.give_back()
+        await until(lambda: _count(reader, 6))
+        assert writer.pending() == []
+        await writer.close()
+        await reader.close()
+
+    run(go())
+
+
 def test_close_with_the_database_away_gives_up_after_its_deadline_and_counts_the_loss(outage: Outage) -> None:
     url = outage.url
 
