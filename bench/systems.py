@@ -35,6 +35,8 @@ def gateway_config(upstream: dict[str, str], log_level: str) -> dict[str, Any]:
             f"bench-{kind}": {"type": "openai", "api_url": url, "api_key": "bench"} for kind, url in upstream.items()
         },
         "models": {f"bench-{kind}": f"bench-{kind}" for kind in upstream},
+        # The ledger is on by default; here it is a feature scenario of its own (rest-full, features.py).
+        "usage": {"database": ""},
     }
 
 
