@@ -476,3 +476,21 @@ def test_a_facade_in_front_of_a_remote_service_passes_the_cost_on(
     facade = gateway_factory(config, env={"GRPC_TARGET": service.grpc_address}, wait_grpc=False)
     reply = post(facade, "/v1/chat/completions", chat("gpt-4o"), request_id())
     assert reply.headers[COST_HEADER] == usd(cost(GPT4O, UNARY_USAGE))  # the service's trailer, as a header
+
+
+def test_two_workers_share_one_sqlite_file(
+    chat_upstream: Upstream,
+    broken: FakeUpstream,
+    gateway_factory: Callable[..., GatewayProcess],
+    tmp_path: Path,
+) -> None:
+    database = f"sqlite:///{tmp_path}/usage.db"
+    gateway = gateway_factory(gateway_config(chat_upstream, broken, database), args=("--workers", "2"))
+    sent = [request_id() for _ in range(60)]
+    for rid in sent:
+        assert post(gateway, "/v1/chat/completions", chat("gpt-4o"), rid).status_code == 200
+    assert gateway.stop() == 0
+    records = ledger_records(database)
+    assert sorted(r.request_id for r in records) == sorted(sent)
+    assert len({line.get("pid") for line in gateway.log_lines() if line["msg"] == "chat completion"}) == 2
+    assert not [line for line in gateway.log_lines() if "ledger" in line["msg"] and line["level"] != "INFO"]
