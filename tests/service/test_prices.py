@@ -45,7 +45,7 @@ def test_the_built_in_table_names_its_sources_and_dates_and_covers_the_three_pro
         ("gpt-4o-2024-05-13", Price(5_000_000, 5_000_000, 15_000_000)),  # a snapshot listed on its own
         ("gpt-4o-mini", Price(150_000, 75_000, 600_000)),
         ("claude-sonnet-4-5-20250929", Price(3_000_000, 300_000, 15_000_000)),
-        ("models/gemini-2.5-flash", Price(300_000, 75_000, 2_500_000)),
+        ("models/gemini-2.5-flash", Price(300_000, 30_000, 2_500_000)),
         ("gemini-2.0-flash-001", Price(100_000, 25_000, 400_000)),
         ("text-embedding-3-small", Price(20_000, 20_000, 0)),  # no cached price: cached tokens cost as input
         ("llama3.2", None),
