@@ -172,6 +172,17 @@ class KeyLimits:
     max_parallel: int | None = None
 
 
+BUDGET_PERIODS = ("day", "week", "month")
+
+
+@dataclass(frozen=True)
+class BudgetConfig:
+    """Spend allowed per calendar period in UTC, in integer micro-dollars (USD * 1_000_000)."""
+
+    micro_usd: int
+    period: str = "month"  # day | week (from Monday) | month
+
+
 @dataclass(frozen=True)
 class ApiKeyConfig:
     """A gateway API key, held only as the SHA-256 digest of its secret."""
@@ -181,12 +192,35 @@ class ApiKeyConfig:
     models: tuple[str, ...] | None = None  # None: every model
     limits: KeyLimits = field(default_factory=KeyLimits)
     metadata: Mapping[str, str] = field(default_factory=dict)
+    budget: BudgetConfig | None = None
+    source: str = "config"  # "config" (the config file, read-only) or "admin" (created through the admin API)
+
+
+@dataclass(frozen=True)
+class TeamConfig:
+    budget: BudgetConfig | None = None
 
 
 @dataclass(frozen=True)
 class AuthConfig:
     # No keys: auth is off, every caller is served.
     keys: tuple[ApiKeyConfig, ...] = ()
+    # Teams by name; a key joins one with metadata.team.
+    teams: Mapping[str, TeamConfig] = field(default_factory=dict)
+    # The SHA-256 of auth.master_key, which the admin API requires; empty: the admin API is off.
+    master_sha256: bytes = field(default=b"", repr=False)
+
+
+WHEN_STATE_DOWN = ("allow", "deny")
+
+
+@dataclass(frozen=True)
+class BudgetsConfig:
+    # While Redis is down: allow budgeted calls (their spend reaches the ledger, and the counters are
+    # reseeded from it when Redis is back) or deny them (503).
+    when_state_down: str = "allow"
+    # Seconds between reads of the ledger's spend for the llm_gateway_budget_* gauges.
+    metrics_interval: float = 15.0
 
 
 @dataclass(frozen=True)
@@ -244,6 +278,7 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     state: StateConfig = field(default_factory=StateConfig)
     usage: UsageConfig = field(default_factory=UsageConfig)
+    budgets: BudgetsConfig = field(default_factory=BudgetsConfig)
     source: str = "<built-in default>"
 
 
@@ -277,7 +312,7 @@ def load_text(text: str, source: str, environ: Mapping[str, str]) -> Config:
 # The top-level sections parse() reads; any other top-level key is refused (a typo such as `modles:`,
 # or a section this version does not know, such as `auth:` in an older one, must not pass silently).
 # A change that adds a section adds its name here.
-SECTIONS = ("server", "logging", "providers", "models", "routing", "auth", "limits", "state", "usage")
+SECTIONS = ("server", "logging", "providers", "models", "routing", "auth", "limits", "state", "usage", "budgets")
 
 
 def parse(data: Any, environ: Mapping[str, str], source: str = "<built-in default>") -> Config:
@@ -318,6 +353,7 @@ def parse(data: Any, environ: Mapping[str, str], source: str = "<built-in defaul
         limits=_limits(_section(data, "limits"), models),
         state=_state(_section(data, "state")),
         usage=_usage(_section(data, "usage")),
+        budgets=_budgets(_section(data, "budgets")),
         source=source,
     )
 
@@ -558,7 +594,7 @@ def _routing(spec: dict[str, Any]) -> RoutingConfig:
 
 _KEY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@:-]{0,63}")
 # auth's own keys; each is parsed by its entry in `_auth`.
-AUTH_KEYS = ("keys",)
+AUTH_KEYS = ("keys", "teams", "master_key")
 
 
 def _auth(spec: dict[str, Any], models: Mapping[str, ModelRoute]) -> AuthConfig:
@@ -567,20 +603,54 @@ def _auth(spec: dict[str, Any], models: Mapping[str, ModelRoute]) -> AuthConfig:
             raise ConfigError(f"auth.{key}: unknown key (known: {', '.join(AUTH_KEYS)})")
     items = spec.get("keys") or []
     if not isinstance(items, list):
-        raise ConfigError("auth.keys: must be a list of {name, key | key_sha256, models, limits, metadata}")
+        raise ConfigError("auth.keys: must be a list of {name, key | key_sha256, models, limits, metadata, budget}")
     keys = tuple(_api_key(f"auth.keys[{i}]", item, models) for i, item in enumerate(items))
     for what, values in (("names", [k.name for k in keys]), ("keys", [k.sha256 for k in keys])):
         if len(set(values)) != len(values):
             raise ConfigError(f"auth.keys: {what} must be unique")
-    return AuthConfig(keys=keys)
+    teams = {}
+    for team, value in _mapping(spec.get("teams"), "auth.teams").items():
+        team_spec = _mapping(value, f"auth.teams.{team}")
+        _only_known_keys(team_spec, f"auth.teams.{team}", TeamConfig)
+        teams[str(team)] = TeamConfig(budget=budget_config(team_spec.get("budget"), f"auth.teams.{team}.budget"))
+    master = spec.get("master_key") or ""
+    if not isinstance(master, str) or (master and len(master) < 16):
+        raise ConfigError("auth.master_key: must be at least 16 characters (is its environment variable set?)")
+    master_sha256 = hashlib.sha256(master.encode()).digest() if master else b""
+    if master_sha256 and master_sha256 in {k.sha256 for k in keys}:
+        raise ConfigError("auth.master_key: must not be one of auth.keys")
+    return AuthConfig(keys=keys, teams=teams, master_sha256=master_sha256)
+
+
+def budget_config(value: Any, where: str) -> BudgetConfig | None:
+    """{usd: 100, period: day | week | month}; None when not set. USD to whole micro-dollars, exactly."""
+    if value is None:
+        return None
+    spec = _mapping(value, where)
+    for key in spec:
+        if key not in ("usd", "period"):
+            raise ConfigError(f"{where}.{key}: unknown key (known: period, usd)")
+    usd = spec.get("usd")
+    try:
+        amount = Decimal(str(usd)) * 1_000_000 if usd is not None and not isinstance(usd, bool) else Decimal("NaN")
+    except InvalidOperation:
+        amount = Decimal("NaN")
+    if not amount.is_finite() or amount <= 0 or amount % 1:
+        raise ConfigError(f"{where}.usd: {usd!r} is not an amount in USD above 0 (at most 6 decimals)")
+    period = str(spec.get("period", "month"))
+    if period not in BUDGET_PERIODS:
+        raise ConfigError(f"{where}.period: {period!r} is not one of {', '.join(BUDGET_PERIODS)}")
+    return BudgetConfig(micro_usd=int(amount), period=period)
 
 
 def _api_key(where: str, spec: Any, models: Mapping[str, ModelRoute]) -> ApiKeyConfig:
     if not isinstance(spec, dict):
         raise ConfigError(f"{where}: must be a mapping of name, key | key_sha256, models, limits, metadata")
     for key in spec:
-        if key not in ("name", "key", "key_sha256", "models", "limits", "metadata"):
-            raise ConfigError(f"{where}.{key}: unknown key (known: key, key_sha256, limits, metadata, models, name)")
+        if key not in ("name", "key", "key_sha256", "models", "limits", "metadata", "budget"):
+            raise ConfigError(
+                f"{where}.{key}: unknown key (known: budget, key, key_sha256, limits, metadata, models, name)"
+            )
     name = spec.get("name")
     if not isinstance(name, str) or not _KEY_NAME.fullmatch(name):
         raise ConfigError(f"{where}.name: required; letters, digits and . _ @ : - (at most 64)")
@@ -613,6 +683,7 @@ def _api_key(where: str, spec: Any, models: Mapping[str, ModelRoute]) -> ApiKeyC
         models=tuple(allowed) if allowed is not None else None,
         limits=KeyLimits(**{k: _number(v, f"{where}.limits.{k}", int, minimum=1) for k, v in limits.items()}),
         metadata={str(k): str(v) for k, v in metadata.items()},
+        budget=budget_config(spec.get("budget"), f"{where}.budget"),
     )
 
 
@@ -658,6 +729,17 @@ def _usage(spec: dict[str, Any]) -> UsageConfig:
         batch_size=_number(spec.get("batch_size", 500), "usage.batch_size", int, minimum=1),
         flush_interval=_number(spec.get("flush_interval", 1.0), "usage.flush_interval", minimum=0.01),
         buffer=_number(spec.get("buffer", 100_000), "usage.buffer", int, minimum=1),
+    )
+
+
+def _budgets(spec: dict[str, Any]) -> BudgetsConfig:
+    _only_known_keys(spec, "budgets", BudgetsConfig)
+    when = str(spec.get("when_state_down", "allow"))
+    if when not in WHEN_STATE_DOWN:
+        raise ConfigError(f"budgets.when_state_down: {when!r} is not one of {', '.join(WHEN_STATE_DOWN)}")
+    return BudgetsConfig(
+        when_state_down=when,
+        metrics_interval=_number(spec.get("metrics_interval", 15.0), "budgets.metrics_interval", minimum=0.1),
     )
 
 

@@ -14,12 +14,14 @@ edge is a lookup, never an if-chain:
     │   └── ModelNotFoundError        404 NOT_FOUND          invalid_request_error, code model_not_found
     ├── MethodNotAllowedError         405 UNIMPLEMENTED      invalid_request_error
     ├── RateLimitError                429 RESOURCE_EXHAUSTED rate_limit_error
+    │   └── InsufficientQuotaError    429 RESOURCE_EXHAUSTED insufficient_quota (a spent budget; not retried)
     ├── ClientClosedError             499 CANCELLED          api_error
     ├── InternalError                 500 INTERNAL           server_error
     ├── UpstreamError                 the upstream's status, passed through with its body
     ├── BadGatewayError               502 UNAVAILABLE        api_error (upstream sent garbage)
     ├── UpstreamUnavailableError      503 UNAVAILABLE        api_error (refused, DNS, reset)
-    │   └── ShuttingDownError         503 UNAVAILABLE        api_error, code shutting_down
+    │   ├── ShuttingDownError         503 UNAVAILABLE        api_error, code shutting_down
+    │   └── BudgetUnavailableError    503 UNAVAILABLE        api_error, code budget_unavailable
     └── UpstreamTimeoutError          504 DEADLINE_EXCEEDED  timeout
 
 Across the gRPC wire an error travels as a `google.rpc.Status` whose details hold an
@@ -262,6 +264,17 @@ class RateLimitError(GatewayError):
         return details
 
 
+class InsufficientQuotaError(RateLimitError):
+    """A spent budget, shaped as OpenAI's: no RetryInfo, and `x-should-retry: false` so SDKs do not retry."""
+
+    type = "insufficient_quota"
+    code = "insufficient_quota"
+
+    def __init__(self, message: str, subject: str, description: str) -> None:
+        super().__init__(message, headers={"x-should-retry": "false"})
+        self.quota_subject, self.quota_description = subject, description
+
+
 class ClientClosedError(GatewayError):
     grpc_code = grpc.StatusCode.CANCELLED
     http_status = 499
@@ -287,6 +300,12 @@ class UpstreamUnavailableError(GatewayError):
 
 class ShuttingDownError(UpstreamUnavailableError):
     code = "shutting_down"
+
+
+class BudgetUnavailableError(UpstreamUnavailableError):
+    """Budgets cannot be checked (the state backend is down, with budgets.when_state_down: deny)."""
+
+    code = "budget_unavailable"
 
 
 class UpstreamTimeoutError(GatewayError):

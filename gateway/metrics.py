@@ -286,8 +286,8 @@ KEY_TOKENS = Counter(
 )
 RATE_LIMITED = Counter(
     "llm_gateway_rate_limited",
-    "Requests refused by the gateway's own limits: scope key or model; kind requests, tokens, parallel or"
-    " too_large.",
+    "Requests refused by the gateway's own limits: scope key, model or team; kind requests, tokens, parallel,"
+    " too_large or budget.",
     ("key", "scope", "kind"),
 )
 STATE_BACKEND_UP = Gauge(
@@ -312,5 +312,20 @@ CONFIG_INFO = Gauge(
     "llm_gateway_config_info",
     "1 for the SHA-256 of the config file in force (0 for those it replaced).",
     ("sha256",),
+    multiprocess_mode="livemax",
+)
+
+# Budgets: spend in the current period by the ledger, per key and per team (scope), refreshed off the
+# request path every budgets.metrics_interval seconds. Every worker reads the same ledger: the max.
+BUDGET_SPENT = Gauge(
+    "llm_gateway_budget_spent_usd",
+    "Spend in the budget's current period (USD), from the usage ledger; scope is key or team.",
+    ("scope", "name"),
+    multiprocess_mode="livemax",
+)
+BUDGET_LIMIT = Gauge(
+    "llm_gateway_budget_limit_usd",
+    "The budget per period (USD); scope is key or team.",
+    ("scope", "name"),
     multiprocess_mode="livemax",
 )

@@ -94,6 +94,7 @@ class RequestRecord:
         "call",
         "chunks",
         "client_wait",
+        "cost",
         "deployment",
         "error",
         "first_chunk",
@@ -126,6 +127,7 @@ class RequestRecord:
         self.usage_estimated = False
         self.kind = kind  # "chat completion" or "embedding": the access log line's message
         self.meter = meter  # prices, cost metrics and the usage ledger (service/spend)
+        self.cost = 0  # micro-dollars, set by the meter as the request ends (0: no usage, or unpriced)
         self.error: GatewayError | None = None
         self.chunks = 0
         self.upstream_wait = 0.0  # seconds awaiting the provider
@@ -178,11 +180,12 @@ class RequestRecord:
             route.prompt_tokens[estimated].inc(usage.prompt_tokens)
             route.completion_tokens[estimated].inc(usage.completion_tokens)
             route.total_tokens[estimated].inc(usage.total_tokens)
-        tenant = self.tenant
-        if tenant is not None:
-            tenant.finish(status, usage)  # per-key counts; settles the reservation and frees the slot, once
         if self.meter is not None:
             self.meter.settle(self, status, elapsed)  # cost, and the ledger's record
+        tenant = self.tenant
+        if tenant is not None:
+            # Per-key counts; settles the reservations (tokens, and the budgets' cost) and frees the slot, once.
+            tenant.finish(status, usage, self.cost)
         if not log.enabled(logging.INFO):  # the access line is off: do not build it
             return
         attrs: dict[str, Any] = {

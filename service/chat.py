@@ -53,6 +53,8 @@ class ChatCore:
         self.tenancy = Tenancy.build(config)
         self.cooldowns = CooldownSync.build(config, self.router.deployments())  # shared with Redis, if any
         self.spend = SpendMeter(config, writer_for(config.usage))  # prices resolved once; the ledger's writer
+        if self.tenancy is not None:
+            self.tenancy.book.writer = self.spend.ledger  # budgets seed from the ledger, unwritten records too
         usage_estimate.warm(config)
         self._fallbacks = {
             (name, other): metrics.FALLBACKS.labels(name, other)

@@ -7,12 +7,18 @@ request ends. Both transports reach it the same way: the key travels in the call
     keys.py      keys held as digests, and who a call is
     limits.py    scopes, reservations, OpenAI's headers and 429s
     state.py     the state interface; memory.py, redis.py and failover.py implement it
+    budgets.py   spend per key and team per calendar period, seeded from the usage ledger
+
+The key table (digests, and what admitting each key and model takes) is built whole and put in place
+in one assignment, so keys created or revoked through the admin API change it without a lock.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+import contextlib
+import time
+from collections.abc import Mapping, Sequence
 
 from prometheus_client import Counter
 
@@ -23,6 +29,7 @@ from gateway.logs import get_logger
 from llm_gateway.v1 import chat_pb2
 
 from ..accounting import RequestRecord
+from .budgets import Budget, BudgetBook, refusal, unchecked
 from .failover import FailoverState
 from .keys import KeyRing, model_not_found
 from .limits import (
@@ -38,7 +45,7 @@ from .limits import (
 from .limits import too_large as too_large_error
 from .memory import MemoryState
 from .redis import RedisState
-from .state import Bucket, LimitState
+from .state import MISSING, UNCHECKED, Bucket, BudgetCounter, LimitState
 
 __all__ = ["Admission", "KeyUse", "Tenancy", "Tenant"]
 
@@ -59,7 +66,7 @@ class KeyUse:
             self.prompt_tokens = metrics.KEY_TOKENS.labels(self.name, model, "prompt")
             self.completion_tokens = metrics.KEY_TOKENS.labels(self.name, model, "completion")
 
-    def finish(self, status: int, usage: chat_pb2.Usage | None) -> None:
+    def finish(self, status: int, usage: chat_pb2.Usage | None, cost: int = 0) -> None:
         if not self.name:
             return
         child = self._outcomes.get(status)
@@ -74,15 +81,25 @@ class KeyUse:
 class Admission:
     """A request that passed its limits: what it holds until it is finished."""
 
-    __slots__ = ("_done", "_lease", "_prompt", "_reserved", "_scopes", "_state", "use")
+    __slots__ = ("_budgets", "_done", "_lease", "_prompt", "_reserved", "_scopes", "_state", "use")
 
-    def __init__(self, use: KeyUse, scopes: Scopes, state: LimitState, reserved: int, prompt: int, lease: str) -> None:
+    def __init__(
+        self,
+        use: KeyUse,
+        scopes: Scopes,
+        state: LimitState,
+        reserved: int,
+        prompt: int,
+        lease: str,
+        budgets: Sequence[tuple[BudgetCounter, int]] = (),
+    ) -> None:
         self.use = use
         self._scopes = scopes
         self._state = state
         self._reserved = reserved
         self._prompt = prompt
         self._lease = lease
+        self._budgets = budgets  # (counter, micro-dollars reserved)
         self._done = False
 
     @property
@@ -93,20 +110,23 @@ class Admission:
     def metadata(self) -> Mapping[str, str]:
         return self.use.metadata
 
-    def finish(self, status: int, usage: chat_pb2.Usage | None) -> None:
+    def finish(self, status: int, usage: chat_pb2.Usage | None, cost: int = 0) -> None:
         """Settle once: the provider's usage replaces the reservation (without usage, the prompt's
-        estimate does: the provider read the prompt, its output is unknown); the slot is released."""
+        estimate does: the provider read the prompt, its output is unknown); the actual cost (micro-dollars)
+        replaces the budgets' reservation; the slot is released."""
         if self._done:
             return
         self._done = True
         self.use.finish(status, usage)
         scopes = self._scopes
+        adjust: list[tuple[Bucket, float]] = []
         if scopes.tokens:
             used = usage.prompt_tokens + usage.completion_tokens if usage is not None else self._prompt
             delta = used - self._reserved
-            self._state.settle([(bucket, delta) for bucket in scopes.tokens], scopes.pools, self._lease)
-        elif scopes.pools:
-            self._state.settle((), scopes.pools, self._lease)
+            adjust = [(bucket, delta) for bucket in scopes.tokens]
+        spends = [(counter, cost - reserved) for counter, reserved in self._budgets]
+        if adjust or scopes.pools or spends:
+            self._state.settle(adjust, scopes.pools, self._lease, spends)
 
 
 Tenant = KeyUse | Admission
@@ -114,46 +134,102 @@ ChatOrEmbedding = chat_pb2.CreateChatCompletionRequest | chat_pb2.CreateEmbeddin
 
 
 class _Pair:
-    """What admitting one (key, model) pair needs, built at start-up."""
+    """What admitting one (key, model) pair needs, built once per key table."""
 
-    __slots__ = ("limited", "scopes", "too_large", "use")
+    __slots__ = ("budgets", "limited", "scopes", "too_large", "use")
 
-    def __init__(self, use: KeyUse, scopes: Scopes, limited: tuple[Counter, ...], too_large: tuple[Counter, ...]):
+    def __init__(
+        self,
+        use: KeyUse,
+        scopes: Scopes,
+        limited: tuple[Counter, ...],
+        too_large: tuple[Counter, ...],
+        budgets: tuple[Budget, ...] = (),
+    ):
         self.use = use
         self.scopes = scopes
-        self.limited = limited  # per charge, then per pool: the rate_limited_total child
+        self.limited = limited  # per charge, then per pool, then per budget: the rate_limited_total child
         self.too_large = too_large  # per tokens bucket
+        self.budgets = budgets
 
 
-class Tenancy:
-    def __init__(self, config: Config) -> None:
-        self._keys = KeyRing(config.auth.keys)
-        self._models = config.models
-        self._default_cap = config.limits.default_max_tokens
-        self.state = _state(config)
-        self._owns_state = True
-        state = config.state
-        self._held_as = (state.redis_url, state.timeout, state.slot_lease, config.server.workers)
-        by_key = key_buckets(config)
+class _Table:
+    """The keys in force and every (key, model) pair they admit; replaced whole, never changed."""
+
+    __slots__ = ("allowed", "keys", "lists", "pairs", "ring")
+
+    def __init__(self, keys: tuple[ApiKeyConfig, ...], config: Config, book: BudgetBook, auth: bool) -> None:
+        self.keys = keys
+        self.ring = KeyRing(keys)
+        by_key = key_buckets(config, keys)
         by_model = model_buckets(config)
         pairs: dict[tuple[str, str], _Pair] = {}
-        owners: list[ApiKeyConfig | None] = list(config.auth.keys) if config.auth.keys else [None]
+        owners: list[ApiKeyConfig | None] = list(keys) if auth else [None]
         for key in owners:
             name = key.name if key is not None else ""
             allowed = key.models if key is not None and key.models is not None else tuple(config.models)
+            budgets = book.for_key(key) if key is not None else ()
             for model in allowed:
                 k_req, k_tok, k_pool = by_key.get(name, ((), (), ()))
                 m_req, m_tok, _ = by_model.get(model, ((), (), ()))
                 scopes = Scopes(k_req + m_req, k_tok + m_tok, k_pool)
                 label = name or "none"
-                limited = tuple(
-                    metrics.RATE_LIMITED.labels(label, b.scope, b.kind) for b in (*scopes.requests, *scopes.tokens)
-                ) + tuple(metrics.RATE_LIMITED.labels(label, "key", "parallel") for _ in scopes.pools)
+                limited = (
+                    tuple(
+                        metrics.RATE_LIMITED.labels(label, b.scope, b.kind) for b in (*scopes.requests, *scopes.tokens)
+                    )
+                    + tuple(metrics.RATE_LIMITED.labels(label, "key", "parallel") for _ in scopes.pools)
+                    + tuple(metrics.RATE_LIMITED.labels(label, b.scope, "budget") for b in budgets)
+                )
                 large = tuple(metrics.RATE_LIMITED.labels(label, b.scope, "too_large") for b in scopes.tokens)
-                pairs[(name, model)] = _Pair(KeyUse(key, model), scopes, limited, large)
-        self._pairs = pairs
-        self._allowed = {key.name: key.models for key in config.auth.keys}
-        self._lists: dict[str, chat_pb2.ListModelsResponse] = {}
+                pairs[(name, model)] = _Pair(KeyUse(key, model), scopes, limited, large, budgets)
+        self.pairs = pairs
+        self.allowed = {key.name: key.models for key in keys}
+        self.lists: dict[str, chat_pb2.ListModelsResponse] = {}
+
+
+class Tenancy:
+    def __init__(self, config: Config) -> None:
+        self._config = config
+        # Auth is on with keys in the config, or with a master key (keys then come from the admin API).
+        self._auth = bool(config.auth.keys or config.auth.master_sha256)
+        self._models = config.models
+        self._default_cap = config.limits.default_max_tokens
+        self.book = BudgetBook(config)
+        self.state = _state(config)
+        self._owns_state = True
+        self._watch_recovery()
+        state = config.state
+        self._held_as = (state.redis_url, state.timeout, state.slot_lease, config.server.workers)
+        self._table = _Table(config.auth.keys, config, self.book, self._auth)
+        with contextlib.suppress(RuntimeError):  # built on the serving loop: the budget gauges start
+            asyncio.get_running_loop()
+            self.book.start_gauges()
+
+    @property
+    def keys(self) -> tuple[ApiKeyConfig, ...]:
+        """Every key in force: the config's, then those created through the admin API."""
+        return self._table.keys
+
+    def set_keys(self, created: Sequence[ApiKeyConfig]) -> None:
+        """Put the admin API's keys in force beside the config's, in one assignment (a name or secret the
+        config already has is skipped: the config's key wins)."""
+        config_keys = self._config.auth.keys
+        names = {key.name for key in config_keys}
+        digests = {key.sha256 for key in config_keys}
+        extra = tuple(key for key in created if key.name not in names and key.sha256 not in digests)
+        gone = {key.name for key in self._table.keys} - {key.name for key in (*config_keys, *extra)}
+        self._table = _Table(config_keys + extra, self._config, self.book, self._auth)
+        self.book.forget(gone)
+
+    def _watch_recovery(self) -> None:
+        if isinstance(self.state, FailoverState):
+            book, state = self.book, self.state
+
+            async def recovered() -> None:
+                await book.reseed_all(state.primary)
+
+            state.on_recovered = recovered
 
     @staticmethod
     def carry_over(old: Tenancy | None, new: Tenancy | None) -> None:
@@ -163,21 +239,23 @@ class Tenancy:
             return
         fresh, new.state = new.state, old.state
         old._owns_state = False
+        new._watch_recovery()
         asyncio.get_running_loop().create_task(fresh.close())
 
     @classmethod
     def build(cls, config: Config) -> Tenancy | None:
         """None when there is nothing to enforce (no keys, no model limits): the chat path skips it all."""
-        if not config.auth.keys and not config.limits.models:
+        if not config.auth.keys and not config.limits.models and not config.auth.master_sha256:
             return None
         return cls(config)
 
     async def admit(self, request: ChatOrEmbedding, call: CallInfo, record: RequestRecord) -> None:
         """Authenticate, check the model, take the limits; raises 401, 404 or 429. The record's tenant is
         then finished once, by RequestRecord.finish, however the request ends."""
-        key = self._keys.authenticate(call) if self._keys else None
+        table = self._table  # one read: a key table swapped meanwhile applies from the next request
+        key = table.ring.authenticate(call) if self._auth else None
         model = request.model
-        pair = self._pairs.get((key.name if key is not None else "", model))
+        pair = table.pairs.get((key.name if key is not None else "", model))
         if pair is None:
             if key is None and model in self._models:
                 return  # auth off, and this model has no limits
@@ -185,11 +263,12 @@ class Tenancy:
         if key is not None:
             record.tenant = pair.use  # counted and logged under the key from here on, 429s included
         scopes = pair.scopes
-        if not scopes:
+        budgets = pair.budgets
+        if not scopes and not budgets:
             return
         prompt = reserved = 0
         charges: list[tuple[Bucket, float]] = [(bucket, 1.0) for bucket in scopes.requests]
-        if scopes.tokens:
+        if scopes.tokens or budgets:
             if isinstance(request, chat_pb2.CreateChatCompletionRequest):
                 prompt = estimate_prompt_tokens(request)
                 reserved = prompt + completion_cap(request, self._default_cap)
@@ -200,10 +279,26 @@ class Tenancy:
                     pair.too_large[index].inc()
                     raise too_large_error(bucket, reserved)
                 charges.append((bucket, float(reserved)))
+        spend: list[tuple[BudgetCounter, int]] = []
+        if budgets:  # the most this request can cost, reserved in each budget
+            most = self.book.pricing.reserve(model, prompt, reserved - prompt)
+            now = time.time()
+            spend = [(budget.counter(now), most) for budget in budgets]
         lease = new_request_id() if scopes.pools else ""
-        verdict = await self.state.admit(charges, scopes.pools, lease)
+        verdict = await self.state.admit(charges, scopes.pools, lease, spend)
+        if verdict.failed == MISSING:  # a new period, a restarted Redis: counters seeded from the ledger
+            assert verdict.state is not None
+            await self.book.seed(verdict.state, verdict.missing)
+            verdict = await self.state.admit(charges, scopes.pools, lease, spend)
         if not verdict.ok:
+            if verdict.failed in (UNCHECKED, MISSING):
+                raise unchecked()
             pair.limited[verdict.failed].inc()
+            held = len(charges) + len(scopes.pools)
+            if verdict.failed >= held:
+                counter, most = spend[verdict.failed - held]
+                log.debug("budget spent", key=pair.use.name, budget=counter.id, used=verdict.used)
+                raise refusal(counter, verdict.used, most)
             error = rejection(verdict, scopes, [cost for _, cost in charges])
             log.debug(
                 "rate limited",
@@ -216,20 +311,24 @@ class Tenancy:
         if verdict.levels:
             call.response_metadata.update(headers(verdict.levels, len(scopes.requests)))
         assert verdict.state is not None
-        record.tenant = Admission(pair.use, scopes, verdict.state, reserved, prompt, lease)
+        record.tenant = Admission(
+            pair.use, scopes, verdict.state, reserved, prompt, lease, spend if verdict.budgeted else ()
+        )
 
     def list_models(self, call: CallInfo, every: chat_pb2.ListModelsResponse) -> chat_pb2.ListModelsResponse:
-        if not self._keys:
+        if not self._auth:
             return every
-        name = self._keys.authenticate(call).name
-        listed = self._lists.get(name)
-        if listed is None:  # once per key: the list never changes while the process runs
-            allowed = self._allowed[name]
+        table = self._table
+        name = table.ring.authenticate(call).name
+        listed = table.lists.get(name)
+        if listed is None:  # once per key and key table
+            allowed = table.allowed[name]
             data = [m for m in every.data if allowed is None or m.id in allowed]
-            listed = self._lists[name] = chat_pb2.ListModelsResponse(object=every.object, data=data)
+            listed = table.lists[name] = chat_pb2.ListModelsResponse(object=every.object, data=data)
         return listed
 
     async def close(self) -> None:
+        await self.book.close()
         if self._owns_state:
             await self.state.close()
 
@@ -240,5 +339,5 @@ def _state(config: Config) -> LimitState:
     share = 1.0 / config.server.workers
     if config.state.redis_url:
         primary = RedisState(config.state.redis_url, config.state.timeout, config.state.slot_lease)
-        return FailoverState(primary, MemoryState(share))
+        return FailoverState(primary, MemoryState(share), deny_budgets=config.budgets.when_state_down == "deny")
     return MemoryState(share)

@@ -4,20 +4,24 @@ A failed call, or a few slow ones in a row, mark Redis down: `llm_gateway_state_
 rises, one warning is logged, and admissions go to the in-process limiter at once (no call waits on a
 dead Redis). A probe then pings Redis every `PROBE_INTERVAL` seconds; the first answer brings it back,
 with one more warning. A request settles with the backend that admitted it.
+
+Budgets are not held in the fallback: while Redis is down they follow `budgets.when_state_down`, each
+time: `allow` admits without them (the spend still reaches the ledger), `deny` refuses. When Redis is
+back, `on_recovered` reseeds its counters from the ledger before it counts as up.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 from gateway import metrics
 from gateway.logs import get_logger
 
 from .memory import MemoryState
 from .redis import RedisState
-from .state import Charges, SlotPool, StateUnavailable, Verdict
+from .state import UNCHECKED, BudgetCounter, Budgets, Charges, SlotPool, StateUnavailable, Verdict
 
 log = get_logger("tenancy")
 
@@ -28,9 +32,12 @@ TIMEOUTS_TO_DOWN = 3
 class FailoverState:
     name = "redis"
 
-    def __init__(self, primary: RedisState, fallback: MemoryState) -> None:
+    def __init__(self, primary: RedisState, fallback: MemoryState, deny_budgets: bool = False) -> None:
         self.primary = primary
         self.fallback = fallback
+        self.deny_budgets = deny_budgets
+        # Awaited when Redis is back, before it counts as up (the budgets' reseed from the ledger).
+        self.on_recovered: Callable[[], Awaitable[None]] | None = None
         self.up = True
         self._up_gauge = metrics.STATE_BACKEND_UP.labels(primary.name)
         self._errors = metrics.STATE_BACKEND_ERRORS.labels(primary.name)
@@ -42,20 +49,30 @@ class FailoverState:
         with contextlib.suppress(RuntimeError):  # built on the serving loop: warm up at once
             self._warming = asyncio.get_running_loop().create_task(primary.warm())
 
-    async def admit(self, charges: Charges, pools: Sequence[SlotPool], lease: str) -> Verdict:
+    async def admit(self, charges: Charges, pools: Sequence[SlotPool], lease: str, budgets: Budgets = ()) -> Verdict:
         if self.up:
             try:
-                verdict = await self.primary.admit(charges, pools, lease)
+                verdict = await self.primary.admit(charges, pools, lease, budgets)
             except StateUnavailable as exc:
                 self._failed(exc)
             else:
                 self._timeouts = 0
                 return verdict
-        return self.fallback.admit_now(charges, pools, lease)
+        if budgets and self.deny_budgets:
+            return Verdict(False, [], UNCHECKED, state=self.fallback)
+        verdict = self.fallback.admit_now(charges, pools, lease)
+        verdict.budgeted = not budgets
+        return verdict
 
-    def settle(self, adjustments: Charges, pools: Sequence[SlotPool], lease: str) -> None:
+    def settle(self, adjustments: Charges, pools: Sequence[SlotPool], lease: str, budgets: Budgets = ()) -> None:
         # Not reached: a request settles with `Verdict.state`, the backend that admitted it.
         self.fallback.settle(adjustments, pools, lease)
+
+    async def seed(self, values: Budgets, overwrite: bool) -> None:
+        await self.primary.seed(values, overwrite)
+
+    async def spent(self, counters: Sequence[BudgetCounter]) -> list[int | None]:
+        return await self.primary.spent(counters)
 
     def _failed(self, exc: StateUnavailable) -> None:
         self._errors.inc()
@@ -86,6 +103,12 @@ class FailoverState:
                 self._errors.inc()
                 continue
             await self.primary.reconnect()
+            if self.on_recovered is not None:
+                try:
+                    await self.on_recovered()
+                except StateUnavailable:
+                    self._errors.inc()
+                    continue
             self.up = True
             self._up_gauge.set(1)
             log.warning("state backend back: limits are shared again", backend=self.primary.name)

@@ -13,7 +13,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from gateway.config import Config
+from gateway.config import ApiKeyConfig, Config
 from gateway.errors import RateLimitError
 from llm_gateway.v1 import chat_pb2
 
@@ -100,9 +100,9 @@ def _bucket(scope: str, owner: str, kind: str, limit: int | None) -> tuple[Bucke
     return (Bucket(f"{scope}:{owner}:{suffix}", scope, owner, kind, limit),) if limit else ()
 
 
-def key_buckets(config: Config) -> dict[str, KeyScopes]:
+def key_buckets(config: Config, keys: Sequence[ApiKeyConfig] | None = None) -> dict[str, KeyScopes]:
     out: dict[str, KeyScopes] = {}
-    for key in config.auth.keys:
+    for key in config.auth.keys if keys is None else keys:
         name, limits = key.name, key.limits
         pools = (SlotPool(f"key:{name}:parallel", name, limits.max_parallel),) if limits.max_parallel else ()
         out[name] = (_bucket("key", name, "requests", limits.rpm), _bucket("key", name, "tokens", limits.tpm), pools)

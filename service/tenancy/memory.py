@@ -6,7 +6,17 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
-from .state import EPSILON_MS, WINDOW_MS, Charges, Level, SlotPool, Verdict
+from .state import (
+    EPSILON_MS,
+    MISSING,
+    WINDOW_MS,
+    BudgetCounter,
+    Budgets,
+    Charges,
+    Level,
+    SlotPool,
+    Verdict,
+)
 
 
 class MemoryState:
@@ -17,14 +27,16 @@ class MemoryState:
         self._tat: dict[str, float] = {}
         self._charged: dict[str, float] = {}
         self._slots: dict[str, set[str]] = {}
+        self._budgets: dict[str, int] = {}  # budget counter id -> micro-dollars (this process's share)
+        self._expiry: dict[str, int] = {}  # budget counter id -> epoch ms when its period is long over
 
     async def close(self) -> None:
         return None
 
-    async def admit(self, charges: Charges, pools: Sequence[SlotPool], lease: str) -> Verdict:
-        return self.admit_now(charges, pools, lease)
+    async def admit(self, charges: Charges, pools: Sequence[SlotPool], lease: str, budgets: Budgets = ()) -> Verdict:
+        return self.admit_now(charges, pools, lease, budgets)
 
-    def admit_now(self, charges: Charges, pools: Sequence[SlotPool], lease: str) -> Verdict:
+    def admit_now(self, charges: Charges, pools: Sequence[SlotPool], lease: str, budgets: Budgets = ()) -> Verdict:
         now = time.monotonic() * 1000.0
         share = self.share
         tats = self._tat
@@ -47,6 +59,18 @@ class MemoryState:
             held = self._slots.get(pool.id)
             if held is not None and len(held) >= limit:
                 return Verdict(False, [], len(charges) + index, 1000.0, len(held), limit, self)
+        if budgets:
+            counters = self._budgets
+            missing = tuple(counter for counter, _ in budgets if counter.id not in counters)
+            if missing:
+                return Verdict(False, [], MISSING, state=self, missing=missing)
+            for index, (counter, reserve) in enumerate(budgets):
+                used, limit = counters[counter.id], int(counter.limit * share)
+                if used >= limit or used + reserve > limit:
+                    failed = len(charges) + len(pools) + index
+                    return Verdict(False, [], failed, counter.expire_ms - time.time() * 1000, used, limit, self)
+            for counter, reserve in budgets:
+                counters[counter.id] += reserve
         for (bucket, cost), new in zip(charges, new_tats, strict=True):
             tats[bucket.id] = new
             self._charged[bucket.id] = self._charged.get(bucket.id, 0.0) + cost
@@ -54,8 +78,12 @@ class MemoryState:
             self._slots.setdefault(pool.id, set()).add(lease)
         return Verdict(True, levels, state=self)
 
-    def settle(self, adjustments: Charges, pools: Sequence[SlotPool], lease: str) -> None:
+    def settle(self, adjustments: Charges, pools: Sequence[SlotPool], lease: str, budgets: Budgets = ()) -> None:
         now = time.monotonic() * 1000.0
+        counters = self._budgets
+        for counter, spent in budgets:
+            if counter.id in counters:  # a counter seeded afresh since has the ledger's word
+                counters[counter.id] += spent
         for bucket, delta in adjustments:
             interval = WINDOW_MS / (bucket.limit * self.share)
             tat = max(self._tat.get(bucket.id, now), now)
@@ -65,6 +93,22 @@ class MemoryState:
             held = self._slots.get(pool.id)
             if held is not None:
                 held.discard(lease)
+
+    async def seed(self, values: Budgets, overwrite: bool) -> None:
+        counters = self._budgets
+        for counter, spent in values:
+            if overwrite or counter.id not in counters:
+                counters[counter.id] = round(spent * self.share)  # each of N workers holds its share
+        if len(counters) > 4 * len(values) + 1024:  # counters of past periods: dropped now and then
+            now_ms = time.time() * 1000
+            self._expiry = {k: v for k, v in self._expiry.items() if v > now_ms}
+            for key in [k for k in counters if k not in self._expiry]:
+                del counters[key]
+        for counter, _ in values:
+            self._expiry[counter.id] = counter.expire_ms
+
+    async def spent(self, counters: Sequence[BudgetCounter]) -> list[int | None]:
+        return [self._budgets.get(counter.id) for counter in counters]
 
     def charged(self, bucket_id: str) -> float:
         """Net units charged to a bucket since this process started (reservations, then settlements)."""

@@ -8,8 +8,10 @@ the script's keys live in one slot and it runs on Redis Cluster too.
 
     {llm-gateway}:b:<bucket id>   hash: t = the bucket's tat (ms), n = net units charged while it is not idle
     {llm-gateway}:s:<pool id>     sorted set: lease -> expiry (ms)
+    {llm-gateway}:<budget id>     string: micro-dollars spent and reserved, "budget:key:<name>:2026-12"
 
-A bucket's hash expires a minute after it is full again, a pool's set once its last lease has expired.
+A bucket's hash expires a minute after it is full again, a pool's set once its last lease has expired,
+a budget counter a day after its period.
 """
 
 from __future__ import annotations
@@ -25,7 +27,18 @@ import redis.exceptions
 
 from gateway.logs import get_logger
 
-from .state import WINDOW_MS, Bucket, Charges, Level, SlotPool, StateUnavailable, Verdict
+from .state import (
+    MISSING,
+    WINDOW_MS,
+    Bucket,
+    BudgetCounter,
+    Budgets,
+    Charges,
+    Level,
+    SlotPool,
+    StateUnavailable,
+    Verdict,
+)
 
 log = get_logger("tenancy")
 
@@ -33,16 +46,19 @@ PREFIX = "{llm-gateway}:"
 # Queued settlements go out with the next admission, or after this many seconds when none comes.
 SETTLE_DELAY = 0.01
 
-# KEYS: admission buckets (nb), admission pools (np), settled buckets (nsb), released pools (nr)
-# ARGV: nb, np, nsb, nr, lease, lease_ms, then (interval, cost) * nb, limit * np, (interval, delta) * nsb,
-#       lease * nr
-# Returns {1, debt...} or {0, failed index (1-based), retry ms, used, limit}; numbers as strings (a Lua
-# number would come back truncated to an integer).
+# KEYS: admission buckets (nb), admission pools (np), settled buckets (nsb), released pools (nr),
+#       admission budgets (nbu), settled budgets (nbs)
+# ARGV: nb, np, nsb, nr, lease, lease_ms, nbu, nbs, then (interval, cost) * nb, limit * np,
+#       (interval, delta) * nsb, lease * nr, (limit, reserve, expire_ms) * nbu, delta * nbs
+# Returns {1, debt...}, {0, failed index (1-based), retry ms, used}, or {2, index...} of the budget
+# counters that are not there yet (to seed from the ledger); numbers as strings (a Lua number would
+# come back truncated to an integer).
 ADMIT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
 local nb, np, nsb, nr = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local lease, lease_ms = ARGV[5], tonumber(ARGV[6])
+local nbu, nbs = tonumber(ARGV[7]), tonumber(ARGV[8])
 local window = 60000
 local function tat_of(key)
   local v = redis.call('HGET', key, 't')
@@ -54,7 +70,7 @@ local function store(key, tat, units)
   redis.call('HINCRBYFLOAT', key, 'n', units)
   redis.call('PEXPIRE', key, math.ceil(tat - now + window))
 end
-local a = 6 + 2 * nb + np
+local a = 8 + 2 * nb + np
 local k = nb + np
 for i = 1, nsb do
   local key = KEYS[k + i]
@@ -66,9 +82,20 @@ k = k + nsb
 for i = 1, nr do
   redis.call('ZREM', KEYS[k + i], ARGV[a + i])
 end
+a = a + nr
+k = k + nr
+local ba, bk = a, k
+a = a + 3 * nbu
+k = k + nbu
+for i = 1, nbs do
+  -- a counter that is gone (a restarted Redis) is seeded from the ledger, not from a refund
+  if redis.call('EXISTS', KEYS[k + i]) == 1 then
+    redis.call('INCRBY', KEYS[k + i], ARGV[a + i])
+  end
+end
 local news = {}
 for i = 1, nb do
-  local interval, cost = tonumber(ARGV[5 + 2 * i]), tonumber(ARGV[6 + 2 * i])
+  local interval, cost = tonumber(ARGV[7 + 2 * i]), tonumber(ARGV[8 + 2 * i])
   local tat = tat_of(KEYS[i])
   local new = tat + cost * interval
   if new - now > window + 0.000001 then
@@ -80,18 +107,35 @@ for j = 1, np do
   local key = KEYS[nb + j]
   redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
   local held = redis.call('ZCARD', key)
-  if held >= tonumber(ARGV[6 + 2 * nb + j]) then
+  if held >= tonumber(ARGV[8 + 2 * nb + j]) then
     return {0, nb + j, '1000', tostring(held)}
+  end
+end
+if nbu > 0 then
+  local spent = redis.call('MGET', unpack(KEYS, bk + 1, bk + nbu))
+  local missing = {2}
+  for i = 1, nbu do
+    if not spent[i] then missing[#missing + 1] = i end
+  end
+  if #missing > 1 then return missing end
+  for i = 1, nbu do
+    local used, limit, reserve = tonumber(spent[i]), tonumber(ARGV[ba + 3 * i - 2]), tonumber(ARGV[ba + 3 * i - 1])
+    if used >= limit or used + reserve > limit then
+      return {0, nb + np + i, string.format('%.17g', tonumber(ARGV[ba + 3 * i]) - now), tostring(used)}
+    end
   end
 end
 local out = {1}
 for i = 1, nb do
-  store(KEYS[i], news[i], tonumber(ARGV[6 + 2 * i]))
+  store(KEYS[i], news[i], tonumber(ARGV[8 + 2 * i]))
   out[i + 1] = string.format('%.17g', news[i] - now)
 end
 for j = 1, np do
   redis.call('ZADD', KEYS[nb + j], now + lease_ms, lease)
   redis.call('PEXPIRE', KEYS[nb + j], math.ceil(lease_ms))
+end
+for i = 1, nbu do
+  redis.call('INCRBY', KEYS[bk + i], ARGV[ba + 3 * i - 1])
 end
 return out
 """
@@ -143,6 +187,7 @@ class RedisState:
         self._lease_seconds = lease_seconds
         self._settles: list[tuple[Bucket, float]] = []
         self._releases: list[tuple[SlotPool, str]] = []
+        self._budget_settles: list[tuple[BudgetCounter, int]] = []
         self._flush: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._renewer: asyncio.Task[None] | None = None
@@ -173,9 +218,9 @@ class RedisState:
         except _FAILURES as exc:
             raise _unavailable(exc) from None
 
-    async def admit(self, charges: Charges, pools: Sequence[SlotPool], lease: str) -> Verdict:
-        settles, releases = self._settles, self._releases
-        self._settles, self._releases = [], []
+    async def admit(self, charges: Charges, pools: Sequence[SlotPool], lease: str, budgets: Budgets = ()) -> Verdict:
+        settles, releases, spends = self._settles, self._releases, self._budget_settles
+        self._settles, self._releases, self._budget_settles = [], [], []
         # The command is packed here from bytes encoded once per bucket: redis-py's own packing of the
         # ~20 arguments cost more CPU than the round trip itself.
         keys: list[bytes] = []
@@ -186,6 +231,8 @@ class RedisState:
             b"%d" % len(releases),
             lease.encode(),
             self._lease_arg,
+            b"%d" % len(budgets),
+            b"%d" % len(spends),
         ]
         for bucket, cost in charges:
             key, per_unit = self._bucket(bucket)
@@ -202,6 +249,12 @@ class RedisState:
         for pool, held in releases:
             keys.append(self._pool(pool)[0])
             args.append(held.encode())
+        for counter, reserve in budgets:
+            keys.append((PREFIX + counter.id).encode())
+            args += (b"%d" % counter.limit, b"%d" % reserve, b"%d" % counter.expire_ms)
+        for counter, delta in spends:
+            keys.append((PREFIX + counter.id).encode())
+            args.append(b"%d" % delta)
         try:
             async with asyncio.timeout(self._timeout):
                 reply = await self._evalsha(keys, args)
@@ -209,13 +262,19 @@ class RedisState:
             # The queued settlements are dropped, never sent twice: leases expire on their own, and a lost
             # refund only errs on the strict side.
             raise _unavailable(exc) from None
-        if int(reply[0]) != 1:
+        answer = int(reply[0])
+        if answer == 2:
+            return Verdict(False, [], MISSING, state=self, missing=tuple(budgets[int(i) - 1][0] for i in reply[1:]))
+        if answer != 1:
             failed = int(reply[1]) - 1
             if failed < len(charges):
                 bucket = charges[failed][0]
                 return Verdict(False, [], failed, float(reply[2]), float(reply[3]), bucket.limit, self)
-            pool = pools[failed - len(charges)]
-            return Verdict(False, [], failed, float(reply[2]), float(reply[3]), pool.limit, self)
+            if failed < len(charges) + len(pools):
+                pool = pools[failed - len(charges)]
+                return Verdict(False, [], failed, float(reply[2]), float(reply[3]), pool.limit, self)
+            counter = budgets[failed - len(charges) - len(pools)][0]
+            return Verdict(False, [], failed, float(reply[2]), float(reply[3]), counter.limit, self)
         if pools:
             self._leases[lease] = pools
             if self._renewer is None:  # started with the first slot held, on the serving loop
@@ -262,17 +321,18 @@ class RedisState:
         finally:
             await pool.release(connection)
 
-    def settle(self, adjustments: Charges, pools: Sequence[SlotPool], lease: str) -> None:
+    def settle(self, adjustments: Charges, pools: Sequence[SlotPool], lease: str, budgets: Budgets = ()) -> None:
         if pools:
             self._leases.pop(lease, None)
             self._releases += [(pool, lease) for pool in pools]
         self._settles += [(bucket, delta) for bucket, delta in adjustments if delta]
-        if (self._settles or self._releases) and self._flush is None:
+        self._budget_settles += [(counter, delta) for counter, delta in budgets if delta]
+        if (self._settles or self._releases or self._budget_settles) and self._flush is None:
             self._flush = asyncio.get_running_loop().call_later(SETTLE_DELAY, self._flush_now)
 
     def _flush_now(self) -> None:
         self._flush = None
-        if self._settles or self._releases:
+        if self._settles or self._releases or self._budget_settles:
             task = asyncio.get_running_loop().create_task(self._send_settlements())
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -298,6 +358,29 @@ class RedisState:
                 if self.on_failure is not None:
                     self.on_failure(_unavailable(exc))
 
+    async def seed(self, values: Budgets, overwrite: bool) -> None:
+        """SET each counter (NX unless `overwrite`), expiring a day after its period: one pipeline."""
+        if not values:
+            return
+        try:
+            async with asyncio.timeout(max(self._timeout, 1.0)):
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for counter, spent in values:
+                        pipe.set(PREFIX + counter.id, spent, pxat=counter.expire_ms, nx=not overwrite)
+                    await pipe.execute()
+        except _FAILURES as exc:
+            raise _unavailable(exc) from None
+
+    async def spent(self, counters: Sequence[BudgetCounter]) -> list[int | None]:
+        if not counters:
+            return []
+        try:
+            async with asyncio.timeout(max(self._timeout, 1.0)):
+                values = await self._redis.mget([PREFIX + counter.id for counter in counters])
+        except _FAILURES as exc:
+            raise _unavailable(exc) from None
+        return [None if value is None else int(value) for value in values]
+
     async def charged(self, bucket_id: str) -> float:
         """Net units charged to a bucket while it has not been idle for a minute."""
         value = await self._redis.hget(PREFIX + "b:" + bucket_id, "n")
@@ -312,7 +395,7 @@ class RedisState:
         if self._flush is not None:
             self._flush.cancel()
             self._flush = None
-        if self._settles or self._releases:
+        if self._settles or self._releases or self._budget_settles:
             await self._send_settlements()
         if self._renewer is not None:
             self._renewer.cancel()

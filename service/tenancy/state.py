@@ -46,6 +46,29 @@ class SlotPool:
     limit: int
 
 
+@dataclass(frozen=True, slots=True)
+class BudgetCounter:
+    """A key's or a team's spend in one calendar period, in integer micro-dollars. Its id carries the
+    period ("budget:key:<name>:2026-12"), so a new period starts a new counter: nothing resets."""
+
+    id: str
+    scope: str  # "key" | "team"
+    owner: str
+    limit: int  # micro-dollars
+    period: str  # "2026-12", "2026-W49", "2026-12-01"
+    expire_ms: int  # epoch ms: a day after the period ends, the counter goes
+
+
+# A request's budget charges: each counter and the micro-dollars reserved in it (settlements: the delta).
+Budgets = Sequence[tuple[BudgetCounter, int]]
+
+# Verdict.failed when a budget counter is not in the state yet (a new period, a restarted Redis): the
+# caller seeds it from the ledger and asks again; nothing was taken.
+MISSING = -2
+# Verdict.failed when budgets cannot be checked (Redis down with budgets.when_state_down: deny).
+UNCHECKED = -3
+
+
 @dataclass(slots=True)
 class Level:
     """A bucket after an admission: the limit enforced, units left, milliseconds until it is full."""
@@ -64,6 +87,8 @@ class Verdict:
     used: float = 0.0  # not ok: units in use in that scope
     limit: float = 0.0  # not ok: that scope's enforced limit
     state: LimitState | None = None  # which backend decided: the one to settle with
+    budgeted: bool = True  # ok: the budgets were taken (False: skipped while Redis is down)
+    missing: tuple[BudgetCounter, ...] = ()  # failed == MISSING: the counters to seed
 
 
 class StateUnavailable(Exception):
@@ -80,12 +105,22 @@ Charges = Sequence[tuple[Bucket, float]]
 class LimitState(Protocol):
     name: str
 
-    async def admit(self, charges: Charges, pools: Sequence[SlotPool], lease: str) -> Verdict:
-        """All of `charges` and a slot in each of `pools` (held under `lease`), or nothing."""
+    async def admit(self, charges: Charges, pools: Sequence[SlotPool], lease: str, budgets: Budgets = ()) -> Verdict:
+        """All of `charges`, a slot in each of `pools` (held under `lease`) and each budget's
+        reservation, or nothing. A budget passes while its counter plus the reservation is within it."""
         ...
 
-    def settle(self, adjustments: Charges, pools: Sequence[SlotPool], lease: str) -> None:
+    def settle(self, adjustments: Charges, pools: Sequence[SlotPool], lease: str, budgets: Budgets = ()) -> None:
         """Add each adjustment (actual minus reserved, may be negative) and release the lease's slots."""
+        ...
+
+    async def seed(self, values: Budgets, overwrite: bool) -> None:
+        """Set budget counters to these values (the ledger's spend): a SET, never an increment; only
+        those not there yet unless `overwrite`."""
+        ...
+
+    async def spent(self, counters: Sequence[BudgetCounter]) -> list[int | None]:
+        """Each counter's value (reservations in flight included); None when not there."""
         ...
 
     async def close(self) -> None: ...
