@@ -17,7 +17,18 @@ import pytest
 
 from tests.harness import free_port
 
-BIN = Path(os.environ.get("POSTGRES_BIN", "/usr/lib/postgresql/15/bin"))
+
+def _bin() -> Path:
+    """$POSTGRES_BIN, else the newest of Debian's /usr/lib/postgresql/<version>/bin."""
+    if os.environ.get("POSTGRES_BIN"):
+        return Path(os.environ["POSTGRES_BIN"])
+    versions = sorted(
+        Path("/usr/lib/postgresql").glob("*/bin"), key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0
+    )
+    return versions[-1] if versions else Path("/usr/lib/postgresql/15/bin")
+
+
+BIN = _bin()
 SUPERUSER = "postgres"
 
 
