@@ -22,7 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from gateway.errors import STATUS_DETAILS_KEY
 from llm_gateway.v1 import chat_pb2, chat_pb2_grpc
 from tests.harness import GatewayProcess, free_port, run_cli
-from tests.service.tenancy.upstream import HELD, UsageUpstream, hold
+from tests.service.tenancy.upstream import HELD, HUNG, UsageUpstream, hold
 
 ALPHA = "sk-gw-alpha-5f1c9e0a7d"
 BETA = "sk-gw-beta-8b2d4c6e1f"
@@ -40,7 +40,7 @@ def tenancy_config(upstream: UsageUpstream, level: str = "INFO") -> dict[str, An
         "logging": {"level": level},
         "routing": {"retries": 0},
         "providers": {"openai": {"type": "openai", "api_url": upstream.url, "api_key": PROVIDER_KEY}},
-        "models": {"gpt-4o": "openai", "mini": "openai", HELD: "openai"},
+        "models": {"gpt-4o": "openai", "mini": "openai", HELD: "openai", HUNG: "openai"},
         "auth": {
             "keys": [
                 {"name": "alpha", "key": ALPHA, "models": ["gpt-4o", HELD, "dummy"], "metadata": {"team": "search"}},
@@ -154,7 +154,7 @@ def test_models_are_listed_and_allowed_per_key(rest: httpx.Client, stub: Any) ->
     listed = rest.get("/v1/models", headers=bearer(ALPHA)).json()
     assert [m["id"] for m in listed["data"]] == ["gpt-4o", HELD, "dummy"]
     assert [m["id"] for m in rest.get("/v1/models", headers=bearer(BETA)).json()["data"]] == ["mini"]
-    assert len(rest.get("/v1/models", headers=bearer(SMALL)).json()["data"]) == 4
+    assert len(rest.get("/v1/models", headers=bearer(SMALL)).json()["data"]) == 5  # every model
     grpc_listed = stub.ListModels(chat_pb2.ListModelsRequest(), metadata=(("authorization", f"Bearer {BETA}"),))
     assert [m.id for m in grpc_listed.data] == ["mini"]
     # A model the key may not use is a 404 model_not_found, word for word an unknown model's.
@@ -279,6 +279,22 @@ def test_a_slot_is_released_when_a_grpc_stream_is_cancelled(stub: Any, upstream:
         except grpc.RpcError:
             return False
 
+    eventually(passes)
+
+
+def test_a_slot_is_released_when_a_unary_call_is_abandoned(gateway: GatewayProcess, stub: Any) -> None:
+    def passes() -> bool:
+        reply = httpx.post(f"{gateway.base_url}/v1/chat/completions", json=chat(), headers=bearer(ONE))
+        return reply.status_code == 200
+
+    # REST: the client gives up on a call that never answers, and goes away.
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{gateway.base_url}/v1/chat/completions", json=chat(HUNG), headers=bearer(ONE), timeout=1)
+    eventually(passes)
+    # gRPC: the call's deadline passes.
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.CreateChatCompletion(grpc_request(HUNG), metadata=(("authorization", f"Bearer {ONE}"),), timeout=1)
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     eventually(passes)
 
 

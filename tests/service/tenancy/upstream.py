@@ -1,5 +1,6 @@
 """A fake upstream for the tenancy tests: completions with usage it makes up and remembers, and streams
-that hold their connection open (calls in flight) for the model "held"."""
+that hold their connection open (calls in flight) for the model "held", unary calls that never answer
+for "hung"."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from aiohttp import web
 from tests.fakes.upstream import FakeUpstream, chunks, completion
 
 HELD = "held"
+HUNG = "hung"
 
 
 class UsageUpstream:
@@ -55,6 +57,10 @@ class UsageUpstream:
         body: dict[str, Any] = orjson.loads(await request.read())
         if body.get("model") == HELD:
             return await self._held(request)
+        if body.get("model") == HUNG:  # a unary call that never answers
+            while request.transport is not None and not request.transport.is_closing():  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+            return web.Response(status=200)
         if body.get("stream"):
             events = chunks(usage=True)
             events[-1]["usage"] = self._usage()
