@@ -10,6 +10,7 @@ import itertools
 import signal
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -119,6 +120,26 @@ def gateway_config(upstream: FakeUpstream, broken: FakeUpstream, database: str, 
     }  # fmt: skip
 
 
+@dataclass
+class Setup:
+    """A gateway config on the fake upstreams, writing its ledger to `database`."""
+
+    database: str
+    config: dict[str, Any]
+    upstream: Upstream
+
+
+@pytest.fixture
+def on_sqlite(chat_upstream: Upstream, broken: FakeUpstream, tmp_path: Path) -> Setup:
+    database = f"sqlite:///{tmp_path}/usage.db"
+    return Setup(database, gateway_config(chat_upstream, broken, database), chat_upstream)
+
+
+@pytest.fixture
+def on_postgres(chat_upstream: Upstream, broken: FakeUpstream, postgres_url: str) -> Setup:
+    return Setup(postgres_url, gateway_config(chat_upstream, broken, postgres_url), chat_upstream)
+
+
 def request_id() -> str:
     return f"ledger-test-{time.time_ns()}-{next(_ids)}"
 
@@ -172,13 +193,10 @@ def scrape(gateway: GatewayProcess, name: str) -> dict[str, float]:
 
 
 def test_ledger_metrics_and_responses_carry_the_usage_times_the_prices_exactly(
-    chat_upstream: Upstream,
-    broken: FakeUpstream,
-    gateway_factory: Callable[..., GatewayProcess],
-    tmp_path: Path,
+    on_sqlite: Setup, gateway_factory: Callable[..., GatewayProcess]
 ) -> None:
-    database = f"sqlite:///{tmp_path}/usage.db"
-    gateway = gateway_factory(gateway_config(chat_upstream, broken, database))
+    database, chat_upstream = on_sqlite.database, on_sqlite.upstream
+    gateway = gateway_factory(on_sqlite.config)
     expected: dict[str, tuple[int, int, bool, int]] = {}  # request id -> (cost, status, streamed, attempts)
     unary_cost, stream_cost = cost(GPT4O, UNARY_USAGE), cost(GPT4O, STREAM_USAGE)
 
@@ -302,13 +320,10 @@ def start_together(factory: Callable[..., GatewayProcess], config: dict[str, Any
 
 
 def test_two_replicas_share_one_postgresql_and_a_sigterm_flushes_everything(
-    chat_upstream: Upstream,
-    broken: FakeUpstream,
-    gateway_factory: Callable[..., GatewayProcess],
-    postgres_url: str,
+    on_postgres: Setup, gateway_factory: Callable[..., GatewayProcess]
 ) -> None:
-    # Written only by the stop: a 10-minute interval and batches larger than the run.
-    config = gateway_config(chat_upstream, broken, postgres_url, flush_interval=600, batch_size=10_000)
+    postgres_url, config = on_postgres.database, on_postgres.config
+    config["usage"] |= {"flush_interval": 600, "batch_size": 10_000}  # written only by the stop
     replicas = start_together(gateway_factory, config, 2)  # both migrate the empty database at once
     sent = []
     for n in range(40):
@@ -327,13 +342,10 @@ def test_two_replicas_share_one_postgresql_and_a_sigterm_flushes_everything(
 
 
 def test_postgresql_away_mid_run_then_back_every_record_arrives(
-    chat_upstream: Upstream,
-    broken: FakeUpstream,
-    gateway_factory: Callable[..., GatewayProcess],
-    postgres: PostgresServer,
-    postgres_url: str,
+    on_postgres: Setup, gateway_factory: Callable[..., GatewayProcess], postgres: PostgresServer
 ) -> None:
-    gateway = gateway_factory(gateway_config(chat_upstream, broken, postgres_url))
+    postgres_url = on_postgres.database
+    gateway = gateway_factory(on_postgres.config)
     sent = []
 
     def send(count: int) -> None:
@@ -363,13 +375,9 @@ def test_postgresql_away_mid_run_then_back_every_record_arrives(
 
 
 def test_with_keys_the_ledger_and_the_cost_metric_name_the_key_and_its_team(
-    chat_upstream: Upstream,
-    broken: FakeUpstream,
-    gateway_factory: Callable[..., GatewayProcess],
-    tmp_path: Path,
+    on_sqlite: Setup, gateway_factory: Callable[..., GatewayProcess]
 ) -> None:
-    database = f"sqlite:///{tmp_path}/usage.db"
-    config = gateway_config(chat_upstream, broken, database)
+    database, config = on_sqlite.database, on_sqlite.config
     secret = "sk-gw-search-7c1e5a9b3d"
     config["auth"] = {"keys": [{"name": "search", "key": secret, "metadata": {"team": "search-team"}}]}
     gateway = gateway_factory(config)
@@ -399,14 +407,11 @@ def test_with_keys_the_ledger_and_the_cost_metric_name_the_key_and_its_team(
 
 
 def test_estimated_usage_is_priced_and_marked_estimated(
-    chat_upstream: Upstream,
-    broken: FakeUpstream,
-    gateway_factory: Callable[..., GatewayProcess],
-    tmp_path: Path,
+    on_sqlite: Setup, gateway_factory: Callable[..., GatewayProcess]
 ) -> None:
-    database = f"sqlite:///{tmp_path}/usage.db"
+    database, chat_upstream = on_sqlite.database, on_sqlite.upstream
     chat_upstream.reply(200, completion(content="Counted by the gateway itself.", usage=None))
-    gateway = gateway_factory(gateway_config(chat_upstream, broken, database))
+    gateway = gateway_factory(on_sqlite.config)
     rid = request_id()
     reply = post(gateway, "/v1/chat/completions", chat("gpt-4o"), rid)
     usage = reply.json()["usage"]
@@ -428,13 +433,9 @@ def test_estimated_usage_is_priced_and_marked_estimated(
 
 
 def test_a_config_reload_during_an_outage_keeps_the_buffered_records(
-    chat_upstream: Upstream,
-    broken: FakeUpstream,
-    gateway_factory: Callable[..., GatewayProcess],
-    postgres: PostgresServer,
-    postgres_url: str,
+    on_postgres: Setup, gateway_factory: Callable[..., GatewayProcess], postgres: PostgresServer
 ) -> None:
-    config = gateway_config(chat_upstream, broken, postgres_url)
+    postgres_url, config = on_postgres.database, on_postgres.config
     gateway = gateway_factory(config)
     sent = []
 
@@ -466,26 +467,18 @@ def test_a_config_reload_during_an_outage_keeps_the_buffered_records(
 
 
 def test_a_facade_in_front_of_a_remote_service_passes_the_cost_on(
-    chat_upstream: Upstream,
-    broken: FakeUpstream,
-    gateway_factory: Callable[..., GatewayProcess],
-    tmp_path: Path,
+    on_sqlite: Setup, gateway_factory: Callable[..., GatewayProcess]
 ) -> None:
-    config = gateway_config(chat_upstream, broken, f"sqlite:///{tmp_path}/usage.db")
+    config = on_sqlite.config
     service = gateway_factory(config, args=("--grpc-only",))
     facade = gateway_factory(config, env={"GRPC_TARGET": service.grpc_address}, wait_grpc=False)
     reply = post(facade, "/v1/chat/completions", chat("gpt-4o"), request_id())
     assert reply.headers[COST_HEADER] == usd(cost(GPT4O, UNARY_USAGE))  # the service's trailer, as a header
 
 
-def test_two_workers_share_one_sqlite_file(
-    chat_upstream: Upstream,
-    broken: FakeUpstream,
-    gateway_factory: Callable[..., GatewayProcess],
-    tmp_path: Path,
-) -> None:
-    database = f"sqlite:///{tmp_path}/usage.db"
-    gateway = gateway_factory(gateway_config(chat_upstream, broken, database), args=("--workers", "2"))
+def test_two_workers_share_one_sqlite_file(on_sqlite: Setup, gateway_factory: Callable[..., GatewayProcess]) -> None:
+    database = on_sqlite.database
+    gateway = gateway_factory(on_sqlite.config, args=("--workers", "2"))
     sent = [request_id() for _ in range(60)]
     for rid in sent:
         assert post(gateway, "/v1/chat/completions", chat("gpt-4o"), rid).status_code == 200
