@@ -9,7 +9,7 @@ twice (`ON CONFLICT DO NOTHING`), and a client that reuses an `x-request-id` sti
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 from urllib.parse import urlsplit, urlunsplit
@@ -140,16 +140,36 @@ class Ledger(ABC):
     async def close(self) -> None: ...
 
 
-def check_groups(group_by: Sequence[str]) -> None:
-    for name in group_by:
-        if name not in GROUPS:
-            raise ValueError(f"cannot group usage by {name!r} (one of {', '.join(GROUPS)})")
-
-
 SUMS = (
     "count(*) AS requests, sum(prompt_tokens) AS prompt_tokens, sum(cached_tokens) AS cached_tokens, "
     "sum(completion_tokens) AS completion_tokens, sum(cost_micro) AS cost_micro"
 )
+
+
+def totals_query(
+    group_by: Sequence[str],
+    since: float | None,
+    until: float | None,
+    day: str,
+    placeholder: Callable[[int], str],
+    stamp: Callable[[float], Any],
+) -> tuple[str, list[Any]]:
+    """`Ledger.totals`'s SQL in a dialect: its expression for a row's UTC day, its n-th parameter, its times."""
+    for name in group_by:
+        if name not in GROUPS:
+            raise ValueError(f"cannot group usage by {name!r} (one of {', '.join(GROUPS)})")
+    columns = [f"{day} AS day" if name == "day" else name for name in group_by]
+    where, params = [], []
+    for op, bound in ((">=", since), ("<", until)):
+        if bound is not None:
+            params.append(stamp(bound))
+            where.append(f"ts {op} {placeholder(len(params))}")
+    sql = f"SELECT {', '.join([*columns, SUMS])} FROM {TABLE}"
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    if group_by:
+        sql += f" GROUP BY {', '.join(group_by)} ORDER BY {', '.join(group_by)}"
+    return sql, params
 
 
 def redacted(url: str) -> str:

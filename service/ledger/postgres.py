@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 import asyncpg  # type: ignore[import-untyped]
 
-from .base import COLUMNS, MIGRATIONS, SCHEMA_TABLE, SUMS, TABLE, Ledger, UsageRecord, check_groups, utc
+from .base import COLUMNS, MIGRATIONS, SCHEMA_TABLE, TABLE, Ledger, UsageRecord, totals_query, utc
 
 T = TypeVar("T")
 LOCK_ID = 0x6C6C6D67_6C646772  # "llmgldgr": the advisory lock the migration holds
@@ -93,18 +93,8 @@ class PostgresLedger(Ledger):
     async def totals(
         self, group_by: Sequence[str], since: float | None = None, until: float | None = None
     ) -> list[dict[str, Any]]:
-        check_groups(group_by)
-        columns = [("to_char(ts AT TIME ZONE 'UTC', 'YYYY-MM-DD') AS day" if g == "day" else g) for g in group_by]
-        where, params = [], []
-        for op, bound in ((">=", since), ("<", until)):
-            if bound is not None:
-                params.append(utc(bound))
-                where.append(f"ts {op} ${len(params)}")
-        sql = f"SELECT {', '.join([*columns, SUMS])} FROM {TABLE}"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        if group_by:
-            sql += f" GROUP BY {', '.join(group_by)} ORDER BY {', '.join(group_by)}"
+        day = "to_char(ts AT TIME ZONE 'UTC', 'YYYY-MM-DD')"
+        sql, params = totals_query(group_by, since, until, day, lambda n: f"${n}", utc)
         rows = await self._run(lambda conn: conn.fetch(sql, *params))
         return [_plain(dict(row)) for row in rows if row["requests"]]
 

@@ -27,7 +27,7 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-from .base import COLUMNS, MIGRATIONS, SCHEMA_TABLE, SUMS, TABLE, Ledger, UsageRecord, check_groups, utc
+from .base import COLUMNS, MIGRATIONS, SCHEMA_TABLE, TABLE, Ledger, UsageRecord, totals_query, utc
 
 T = TypeVar("T")
 
@@ -144,20 +144,7 @@ class SqliteLedger(Ledger):
     async def totals(
         self, group_by: Sequence[str], since: float | None = None, until: float | None = None
     ) -> list[dict[str, Any]]:
-        check_groups(group_by)
-        columns = [("substr(ts, 1, 10) AS day" if g == "day" else g) for g in group_by]
-        where, params = [], []
-        if since is not None:
-            where.append("ts >= ?")
-            params.append(_stamp(since))
-        if until is not None:
-            where.append("ts < ?")
-            params.append(_stamp(until))
-        sql = f"SELECT {', '.join([*columns, SUMS])} FROM {TABLE}"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        if group_by:
-            sql += f" GROUP BY {', '.join(group_by)} ORDER BY {', '.join(group_by)}"
+        sql, params = totals_query(group_by, since, until, "substr(ts, 1, 10)", lambda _: "?", _stamp)
         rows = await self._call(self._query, sql, params)
         return [dict(row) for row in rows if row["requests"]]
 
