@@ -687,6 +687,11 @@ def _api_key(where: str, spec: Any, models: Mapping[str, ModelRoute]) -> ApiKeyC
     )
 
 
+def parse_api_key(where: str, spec: Any, models: Mapping[str, ModelRoute]) -> ApiKeyConfig:
+    """One key as auth.keys[] holds it, checked the same way (the admin API's created keys)."""
+    return _api_key(where, spec, models)
+
+
 def _limits(spec: dict[str, Any], models: Mapping[str, ModelRoute]) -> LimitsConfig:
     default_max_tokens = _number(spec.get("default_max_tokens", 4096), "limits.default_max_tokens", int, minimum=1)
     per_model = {}

@@ -11,6 +11,8 @@ edge is a lookup, never an if-chain:
     │   └── InvalidApiKeyError        401 UNAUTHENTICATED    invalid_request_error, code invalid_api_key
     ├── PermissionDeniedError         403 PERMISSION_DENIED  permission_error
     ├── NotFoundError                 404 NOT_FOUND          invalid_request_error
+    ├── ConflictError                 409 ALREADY_EXISTS     invalid_request_error
+    ├── FailedPreconditionError       400 FAILED_PRECONDITION invalid_request_error
     │   └── ModelNotFoundError        404 NOT_FOUND          invalid_request_error, code model_not_found
     ├── MethodNotAllowedError         405 UNIMPLEMENTED      invalid_request_error
     ├── RateLimitError                429 RESOURCE_EXHAUSTED rate_limit_error
@@ -220,6 +222,20 @@ class PermissionDeniedError(GatewayError):
 class NotFoundError(GatewayError):
     grpc_code = grpc.StatusCode.NOT_FOUND
     http_status = 404
+    type = "invalid_request_error"
+
+
+class ConflictError(GatewayError):
+    grpc_code = grpc.StatusCode.ALREADY_EXISTS
+    http_status = 409
+    type = "invalid_request_error"
+
+
+class FailedPreconditionError(GatewayError):
+    """The request is well-formed but the gateway's state refuses it (a config key revoked over the API)."""
+
+    grpc_code = grpc.StatusCode.FAILED_PRECONDITION
+    http_status = 400
     type = "invalid_request_error"
 
 

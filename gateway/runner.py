@@ -41,6 +41,9 @@ async def serve(
     try:
         if not srv.grpc_target:
             from llm_gateway.v1 import chat_pb2
+            from service.admin.core import AdminCore
+            from service.admin.servicer import SERVICE as ADMIN_SERVICE
+            from service.admin.servicer import AdminServicer
             from service.chat import ChatCore
             from service.live import LiveCore
             from service.server import SERVICE_NAME, start_grpc_server
@@ -48,8 +51,12 @@ async def serve(
             from .inprocess import InProcessBackend
 
             core = ChatCore(config)
-            grpc_server = await start_grpc_server(core, f"{srv.host}:{srv.grpc_port}")
-            backend = InProcessBackend(core, chat_pb2.DESCRIPTOR.services_by_name["ChatService"])
+            admin = AdminCore(lambda: live.core if live is not None else core)  # the core in force
+            others = [(AdminServicer(admin), ADMIN_SERVICE)]
+            grpc_server = await start_grpc_server(core, f"{srv.host}:{srv.grpc_port}", others)
+            backend = InProcessBackend(
+                core, chat_pb2.DESCRIPTOR.services_by_name["ChatService"], [(admin, ADMIN_SERVICE)]
+            )
             log.info("grpc listening", address=f"{srv.host}:{srv.grpc_port}", service=SERVICE_NAME)
             live = LiveCore(core, [grpc_server.servicer, backend])
         if not grpc_only:

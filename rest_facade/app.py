@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from google.protobuf.descriptor import ServiceDescriptor
@@ -45,7 +45,10 @@ _SHUTTING_DOWN = ShuttingDownError("The gateway is shutting down; retry the requ
 _names = itertools.count(1)
 
 
-def build_app(config: Config, backend: ChatBackend, service: ServiceDescriptor) -> Sanic[Any, Any]:
+def build_app(
+    config: Config, backend: ChatBackend, services: ServiceDescriptor | Sequence[ServiceDescriptor]
+) -> Sanic[Any, Any]:
+    """The app serving every route of `services` (ChatService, AdminService) through the one handler."""
     app: Sanic[Any, Any] = Sanic(
         f"llm_gateway_rest_{os.getpid()}_{next(_names)}", configure_logging=False, error_handler=OpenAIErrorHandler()
     )
@@ -57,7 +60,7 @@ def build_app(config: Config, backend: ChatBackend, service: ServiceDescriptor) 
     app.config.NOISY_EXCEPTIONS = False
     app.ctx.stopping = False  # set on SIGTERM: /readyz answers 503 while requests are still served
     app.ctx.draining = False  # set by RestServer.close once the grace period is over
-    for route in build_routes(service):
+    for route in (route for service in _each(services) for route in build_routes(service)):
         name = route.bindings[0].descriptor.name
         app.add_route(
             transcoding_handler(route, backend, server.request_timeout),
@@ -86,6 +89,10 @@ def build_app(config: Config, backend: ChatBackend, service: ServiceDescriptor) 
     app.add_route(prometheus, "/metrics", methods=["GET"], name="metrics")
     add_docs_routes(app)
     return app
+
+
+def _each(services: ServiceDescriptor | Sequence[ServiceDescriptor]) -> Sequence[ServiceDescriptor]:
+    return (services,) if isinstance(services, ServiceDescriptor) else services
 
 
 def transcoding_handler(route: Route, backend: ChatBackend, max_timeout: float) -> Handler:

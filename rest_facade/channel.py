@@ -91,11 +91,22 @@ def batched_twin(service: ServiceDescriptor, method: MethodDescriptor) -> tuple[
 
 
 class ChannelBackend:
-    def __init__(self, target: str, service: ServiceDescriptor) -> None:
+    """Every method of `service` and of `others` (AdminService) on one channel; readiness is `service`'s health."""
+
+    def __init__(self, target: str, service: ServiceDescriptor, *others: ServiceDescriptor) -> None:
         self._service = service.full_name
         self._channel = grpc.aio.insecure_channel(target, options=_OPTIONS)
         self._unary: dict[str, Any] = {}
         self._stream: dict[str, _Streaming] = {}
+        for one in (service, *others):
+            self._add(one)
+        self._health = self._channel.unary_unary(
+            _HEALTH_CHECK,
+            request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+            response_deserializer=health_pb2.HealthCheckResponse.FromString,
+        )
+
+    def _add(self, service: ServiceDescriptor) -> None:
         for method in service.methods:
             path = f"/{service.full_name}/{method.name}"
             if not method.server_streaming:
@@ -105,11 +116,6 @@ class ChannelBackend:
             twin = batched_twin(service, method)
             if twin is not None:
                 streaming.batched, streaming.field = self._multicallable(service, twin[0]), twin[1]
-        self._health = self._channel.unary_unary(
-            _HEALTH_CHECK,
-            request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
-            response_deserializer=health_pb2.HealthCheckResponse.FromString,
-        )
 
     def _multicallable(self, service: ServiceDescriptor, method: MethodDescriptor) -> Any:
         factory = self._channel.unary_stream if method.server_streaming else self._channel.unary_unary

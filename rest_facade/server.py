@@ -19,7 +19,7 @@ from sanic.server.async_server import AsyncioServer
 from gateway.call import ChatBackend
 from gateway.config import Config
 from gateway.logs import get_logger
-from llm_gateway.v1 import chat_pb2
+from llm_gateway.v1 import admin_pb2, chat_pb2
 
 from .app import build_app
 from .channel import ChannelBackend
@@ -27,6 +27,9 @@ from .channel import ChannelBackend
 log = get_logger("rest")
 
 SERVICE = chat_pb2.DESCRIPTOR.services_by_name["ChatService"]
+ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["AdminService"]
+# Every service the facade serves over REST, each route generated from its http rules.
+SERVICES = (SERVICE, ADMIN_SERVICE)
 _BACKLOG = 1024
 # After the grace period, what is still running is told goodbye (a 503, or an error event and [DONE]);
 # this is how long that may take before the connections are cut.
@@ -102,8 +105,8 @@ def listen_socket(host: str, port: int) -> socket.socket:
 async def start_rest_server(config: Config, backend: ChatBackend | None) -> RestServer:
     owns_backend = backend is None
     if backend is None:
-        backend = ChannelBackend(config.server.grpc_target, SERVICE)
-    app = build_app(config, backend, SERVICE)
+        backend = ChannelBackend(config.server.grpc_target, SERVICE, ADMIN_SERVICE)
+    app = build_app(config, backend, SERVICES)
     global _touched_up
     # Sanic's touch-up rewrites its shared protocol classes and cannot run twice in one process.
     app.config.TOUCHUP = not _touched_up

@@ -27,6 +27,7 @@ from llm_gateway.v1 import chat_pb2
 
 from . import embeddings, usage_estimate
 from .accounting import RequestRecord
+from .admin.sync import KeySync
 from .deadline import Deadline
 from .ledger import writer_for
 from .providers import Provider
@@ -55,6 +56,7 @@ class ChatCore:
         self.spend = SpendMeter(config, writer_for(config.usage))  # prices resolved once; the ledger's writer
         if self.tenancy is not None:
             self.tenancy.book.writer = self.spend.ledger  # budgets seed from the ledger, unwritten records too
+        self.keysync = KeySync.build(config, self.tenancy)  # the admin API's created keys, kept current
         usage_estimate.warm(config)
         self._fallbacks = {
             (name, other): metrics.FALLBACKS.labels(name, other)
@@ -373,6 +375,8 @@ class ChatCore:
             await self.tenancy.close()
         if self.cooldowns is not None:
             await self.cooldowns.close()
+        if self.keysync is not None:
+            await self.keysync.close()
         await self.spend.close()  # the ledger's last records are written before the worker ends
 
 

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
+from typing import Any
 
 import grpc
+from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
@@ -52,16 +55,26 @@ class ServiceServer:
         await stopping
 
 
-async def start_grpc_server(core: ChatCore, address: str) -> ServiceServer:
+async def start_grpc_server(
+    core: ChatCore, address: str, others: Sequence[tuple[Any, ServiceDescriptor]] = ()
+) -> ServiceServer:
+    """ChatService, and `others` (servicer, service), health and reflection, on `address`."""
     # grpc enables SO_REUSEPORT on Linux, so several worker processes can bind one port.
     server = grpc.aio.server(options=[("grpc.so_reuseport", 1)])
     servicer = ChatServicer(core)
     # Not the generated add_ChatServiceServicer_to_server: undecodable bytes must be INVALID_ARGUMENT.
     add_to_server(servicer, chat_pb2.DESCRIPTOR.services_by_name["ChatService"], server)
+    for other, service in others:
+        add_to_server(other, service, server)
     health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        (
+            SERVICE_NAME,
+            *(service.full_name for _, service in others),
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
         server,
     )
     if server.add_insecure_port(address) == 0:

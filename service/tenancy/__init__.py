@@ -234,7 +234,10 @@ class Tenancy:
     @staticmethod
     def carry_over(old: Tenancy | None, new: Tenancy | None) -> None:
         """After a config reload: the new core keeps the old one's limit state when it is held the same
-        way, so buckets and the slots of calls still running on the old core carry over, not reset."""
+        way, so buckets and the slots of calls still running on the old core carry over, not reset.
+        Keys created through the admin API stay in force until the new core's own sync has loaded them."""
+        if old is not None and new is not None:
+            new.set_keys([key for key in old.keys if key.source == "admin"])
         if old is None or new is None or old._held_as != new._held_as:
             return
         fresh, new.state = new.state, old.state

@@ -1,0 +1,44 @@
+"""AdminService over gRPC: each RPC, built from the descriptor, calls the AdminCore coroutine of its
+snake_case name; a GatewayError ends the call with its code and ErrorDetail."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+from google.protobuf.message import Message
+
+from gateway.errors import GatewayError
+from llm_gateway.v1 import admin_pb2
+
+from ..grpc_servicer import call_info
+from .core import AdminCore
+
+SERVICE = admin_pb2.DESCRIPTOR.services_by_name["AdminService"]
+
+Handler = Callable[[Message, grpc.aio.ServicerContext[Any, Any]], Awaitable[Message]]
+
+
+def snake(name: str) -> str:
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+
+
+class AdminServicer:
+    """An attribute per RPC (CreateKey, ListKeys, ...), as service.grpc_handlers.add_to_server expects."""
+
+    def __init__(self, core: AdminCore) -> None:
+        for method in SERVICE.methods:
+            setattr(self, method.name, _handler(getattr(core, snake(method.name))))
+
+
+def _handler(behaviour: Callable[..., Awaitable[Message]]) -> Handler:
+    async def handle(request: Message, context: grpc.aio.ServicerContext[Any, Any]) -> Message:
+        try:
+            return await behaviour(request, call_info(context))
+        except GatewayError as exc:
+            await context.abort(exc.grpc_code, exc.message, trailing_metadata=exc.grpc_trailers())
+            raise  # abort raises; not reached
+
+    return handle
