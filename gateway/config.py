@@ -516,7 +516,7 @@ def _route(name: str, spec: Any, providers: Mapping[str, ProviderConfig]) -> Mod
     )
 
 
-PRICE_KEYS = ("input", "cached_input", "output")
+PRICE_KEYS = ("input", "cached_input", "cache_write", "output")
 
 
 def _price(spec: Any, where: str) -> dict[str, str] | None:

@@ -48,6 +48,12 @@ def cached_tokens(usage: chat_pb2.Usage) -> int:
     return value if type(value) is int and value > 0 else 0
 
 
+def cache_write_tokens(usage: chat_pb2.Usage) -> int:
+    """Anthropic's cache_creation_input_tokens (its provider keeps them in the usage's extra map)."""
+    text = usage.extra.get("cache_creation_input_tokens")
+    return int(text) if text and text.isdigit() else 0
+
+
 def resolve_prices(config: Config, table: PriceTable) -> dict[tuple[str, str], Price | None]:
     """(model, deployment name) -> its price, or None when neither the config nor the table has one."""
     resolved: dict[tuple[str, str], Price | None] = {}
@@ -83,7 +89,8 @@ class SpendMeter:
             if price is None:
                 self._unpriced_counter(route.model, route.provider).inc()
             else:
-                cost = record.cost = price.cost(prompt, cached, completion)
+                written = cache_write_tokens(usage) if usage.extra else 0
+                cost = record.cost = price.cost(prompt, cached, completion, written)
                 self._cost_counter(route.model, route.provider, key, team).inc(cost / MICRO)
                 if status == 200:
                     record.call.response_metadata[COST_HEADER] = usd(cost)

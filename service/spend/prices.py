@@ -27,36 +27,51 @@ class PriceError(ValueError):
     """A price that cannot be held exactly, with the place it was found."""
 
 
+KEYS = ("input", "cached_input", "cache_write", "output")
+
+
 @dataclass(frozen=True, slots=True)
 class Price:
-    """Micro-dollars per 1M tokens."""
+    """Micro-dollars per 1M tokens. `cache_write` is Anthropic's price of a prompt token written to its
+    cache (cache_creation_input_tokens); None: such tokens cost as input."""
 
     input: int
     cached_input: int
     output: int
+    cache_write: int | None = None
 
-    def cost(self, prompt: int, cached: int, completion: int) -> int:
-        """Micro-dollars for one request's usage; `cached` is the part of `prompt` read from cache."""
+    def cost(self, prompt: int, cached: int, completion: int, written: int = 0) -> int:
+        """Micro-dollars for one request's usage; `cached` (read from the provider's cache) and `written`
+        (written to it) are parts of `prompt`."""
         cached = min(max(cached, 0), prompt)
-        scaled = (prompt - cached) * self.input + cached * self.cached_input + completion * self.output
+        written = min(max(written, 0), prompt - cached)
+        write_price = self.input if self.cache_write is None else self.cache_write
+        scaled = (
+            (prompt - cached - written) * self.input
+            + cached * self.cached_input
+            + written * write_price
+            + completion * self.output
+        )
         return _round_half_even(scaled, PER)
 
     @classmethod
     def parse(cls, spec: Any, where: str) -> Price:
-        """From {input, cached_input, output} in USD per 1M tokens; cached_input defaults to input."""
+        """From {input, cached_input, cache_write, output} in USD per 1M tokens; the cache prices default to
+        input."""
         if not isinstance(spec, Mapping):
             raise PriceError(f"{where}: must be a mapping of input, cached_input, output (USD per 1M tokens)")
         for key in spec:
-            if key not in ("input", "cached_input", "output"):
-                raise PriceError(f"{where}.{key}: unknown key (known: cached_input, input, output)")
+            if key not in KEYS:
+                raise PriceError(f"{where}.{key}: unknown key (known: {', '.join(sorted(KEYS))})")
         if "input" not in spec or "output" not in spec:
             raise PriceError(f"{where}: input and output are required (USD per 1M tokens)")
         price_in = micro(spec["input"], f"{where}.input")
-        cached = spec.get("cached_input")
+        cached, write = spec.get("cached_input"), spec.get("cache_write")
         return cls(
             input=price_in,
             cached_input=price_in if cached is None else micro(cached, f"{where}.cached_input"),
             output=micro(spec["output"], f"{where}.output"),
+            cache_write=None if write is None else micro(write, f"{where}.cache_write"),
         )
 
 
@@ -120,7 +135,7 @@ def load_table(text: str | None = None) -> PriceTable:
 
 
 def spec_of(entry: Mapping[str, Any]) -> dict[str, Any]:
-    return {key: entry[key] for key in ("input", "cached_input", "output") if key in entry}
+    return {key: entry[key] for key in KEYS if key in entry}
 
 
 _BUILTIN: PriceTable | None = None

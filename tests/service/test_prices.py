@@ -44,7 +44,7 @@ def test_the_built_in_table_names_its_sources_and_dates_and_covers_the_three_pro
         ("gpt-4o-2024-08-06", Price(2_500_000, 1_250_000, 10_000_000)),  # a snapshot of a listed model
         ("gpt-4o-2024-05-13", Price(5_000_000, 5_000_000, 15_000_000)),  # a snapshot listed on its own
         ("gpt-4o-mini", Price(150_000, 75_000, 600_000)),
-        ("claude-sonnet-4-5-20250929", Price(3_000_000, 300_000, 15_000_000)),
+        ("claude-sonnet-4-5-20250929", Price(3_000_000, 300_000, 15_000_000, cache_write=3_750_000)),
         ("models/gemini-2.5-flash", Price(300_000, 30_000, 2_500_000)),
         ("gemini-2.0-flash-001", Price(100_000, 25_000, 400_000)),
         ("text-embedding-3-small", Price(20_000, 20_000, 0)),  # no cached price: cached tokens cost as input
@@ -68,11 +68,17 @@ def test_lookup_by_upstream_model_name(model: str, expected: Price | None) -> No
         (Price(2_500_000, 1_250_000, 10_000_000), (100, 500, 0), 125),  # cached beyond prompt: capped at prompt
         (Price(15_000_000, 1_500_000, 75_000_000), (2_000_000, 1_000_000, 1_000_000), 91_500_000),
         (Price(1, 1, 1), (10**12, 0, 10**12), 2_000_000),  # no float anywhere: exact at any size
+        # claude-sonnet-4-5: 10 fresh prompt tokens, 1000 read from the cache, 200 written to it, 20 out.
+        (Price(3_000_000, 300_000, 15_000_000, cache_write=3_750_000), (1210, 1000, 20, 200), 30 + 300 + 750 + 300),
+        (Price(3_000_000, 300_000, 15_000_000), (1210, 1000, 20, 200), 30 + 300 + 600 + 300),  # writes as input
+        (
+            Price(3_000_000, 300_000, 15_000_000, cache_write=3_750_000),
+            (100, 90, 0, 50),
+            64,
+        ),  # written capped at 10: 27 + 37.5
     ],
 )
-def test_cost_is_integer_micro_dollars_rounded_once(
-    price: Price, usage: tuple[int, int, int], micro_dollars: int
-) -> None:
+def test_cost_is_integer_micro_dollars_rounded_once(price: Price, usage: tuple[int, ...], micro_dollars: int) -> None:
     assert price.cost(*usage) == micro_dollars
 
 
@@ -125,6 +131,7 @@ def test_a_configured_price_overrides_the_table_for_every_deployment_of_its_mode
                 "mini": {"provider": "a", "model": "gpt-4o-mini"},
                 "local": {"provider": "a", "model": "my-finetune"},
                 "cheap": {"provider": "a", "model": "my-finetune", "price": {"input": "0.1", "output": "0.2"}},
+                "claude": {"provider": "a", "model": "x", "price": {"input": 3, "output": 15, "cache_write": 3.75}},
             },
         },
         {},
@@ -138,6 +145,7 @@ def test_a_configured_price_overrides_the_table_for_every_deployment_of_its_mode
     assert prices[("mini", "a/gpt-4o-mini")] == Price(150_000, 75_000, 600_000)
     assert prices[("local", "a/my-finetune")] is None
     assert prices[("cheap", "a/my-finetune")] == Price(100_000, 100_000, 200_000)  # cached defaults to input
+    assert prices[("claude", "a/x")] == Price(3_000_000, 3_000_000, 15_000_000, cache_write=3_750_000)
     assert prices[("dummy", "dummy")] is None
 
 
@@ -146,6 +154,7 @@ def test_a_configured_price_overrides_the_table_for_every_deployment_of_its_mode
     [
         ({"input": 1}, "models.m.price.output: required"),
         ({"input": 1, "output": 2, "cache": 1}, "models.m.price.cache: unknown key"),
+        ({"input": 1, "output": 2, "cache_write": "x"}, "models.m.price.cache_write: 'x' is not a price"),
         ({"input": "cheap", "output": 2}, "models.m.price.input: 'cheap' is not a price"),
         ({"input": -1, "output": 2}, "models.m.price.input: -1 is not a price"),
         ({"input": 0.0000001, "output": 2}, "models.m.price.input: 1e-07 is not a price"),

@@ -25,6 +25,7 @@ from gateway.jsonpb import MessageCodec
 from llm_gateway.v1 import chat_pb2, chat_pb2_grpc
 from service.ledger import UsageRecord, open_ledger
 from service.spend import COST_HEADER, Price, builtin, usd
+from tests.fakes import anthropic
 from tests.fakes.upstream import FakeUpstream, chunks, completion, embeddings
 from tests.harness import GatewayProcess
 from tests.service.ledger.postgres_server import PostgresServer
@@ -487,3 +488,38 @@ def test_two_workers_share_one_sqlite_file(on_sqlite: Setup, gateway_factory: Ca
     assert sorted(r.request_id for r in records) == sorted(sent)
     assert len({line.get("pid") for line in gateway.log_lines() if line["msg"] == "chat completion"}) == 2
     assert not [line for line in gateway.log_lines() if "ledger" in line["msg"] and line["level"] != "INFO"]
+
+
+def test_anthropic_cache_reads_and_writes_are_priced_as_such_unary_and_streamed(
+    on_sqlite: Setup, gateway_factory: Callable[..., GatewayProcess]
+) -> None:
+    upstream = on_sqlite.upstream
+    config = on_sqlite.config
+    config["providers"]["claude"] = {"type": "anthropic", "api_key": "sk-ant-test-0123456789", "api_url": upstream.url}
+    config["models"]["claude"] = {"provider": "claude", "model": "claude-sonnet-4-5-20250929"}
+    counts = {"input_tokens": 40, "cache_read_input_tokens": 1000, "cache_creation_input_tokens": 200}
+    upstream.reply(200, anthropic.message(usage={**counts, "output_tokens": 30}))
+    gateway = gateway_factory(config)
+    sonnet = builtin().lookup("claude-sonnet-4-5")
+    assert sonnet is not None and sonnet.cache_write == 3_750_000
+    # 40 fresh at $3, 1000 read at $0.30, 200 written at $3.75, 30 out at $15 (per 1M).
+    expected = 120 + 300 + 750 + 450
+    unary = request_id()
+    reply = post(gateway, "/v1/chat/completions", chat("claude"), unary)
+    assert reply.status_code == 200 and reply.headers[COST_HEADER] == usd(expected)
+    upstream.handler = anthropic.sse(
+        anthropic.stream_of([anthropic.text("ok")], start_usage={**counts, "output_tokens": 1},
+                            delta_usage={"output_tokens": 30})
+    )  # fmt: skip
+    streamed = request_id()
+    assert post(gateway, "/v1/chat/completions", chat("claude", stream=True), streamed).status_code == 200
+    assert gateway.stop() == 0
+    records = {r.request_id: r for r in ledger_records(on_sqlite.database)}
+    for rid in (unary, streamed):
+        got = records[rid]
+        assert (got.prompt_tokens, got.cached_tokens, got.completion_tokens, got.cost_micro) == (
+            1240,
+            1000,
+            30,
+            expected,
+        )
