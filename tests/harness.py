@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -149,6 +151,19 @@ class GatewayProcess:
         except subprocess.TimeoutExpired:
             self.process.kill()
             return self.process.wait(5)
+
+
+@contextlib.contextmanager
+def replicas(config: dict[str, Any], workdir: Path, count: int = 1) -> Iterator[list[GatewayProcess]]:
+    """`count` gateways of one config, started in turn and stopped (SIGTERM) at the end, however it ends."""
+    started: list[GatewayProcess] = []
+    try:
+        for _ in range(count):
+            started.append(GatewayProcess(config, workdir).start())
+        yield started
+    finally:
+        for process in started:
+            process.stop()
 
 
 def run_cli(

@@ -26,7 +26,7 @@ from google.rpc import error_details_pb2
 from llm_gateway.v1 import chat_pb2, chat_pb2_grpc
 from service.tenancy.budgets import period_of
 from tests.fakes.upstream import FakeUpstream
-from tests.harness import GatewayProcess
+from tests.harness import GatewayProcess, replicas
 from tests.service.tenancy.conftest import RedisServer
 from tests.service.tenancy.test_gateway import details
 
@@ -72,18 +72,11 @@ def fake() -> Iterator[FakeUpstream]:
     server.stop()
 
 
-@contextlib.contextmanager
-def gateways(settings: dict[str, Any], tmp: Path, count: int = 1) -> Iterator[list[GatewayProcess]]:
-    started: list[GatewayProcess] = []
-    try:
-        for _ in range(count):
-            started.append(GatewayProcess(settings, tmp).start())
-        yield started
-    finally:
-        for process in started:
-            process.stop()
-        for process in started:
-            assert ALPHA not in process.log_text() and BETA not in process.log_text()
+def assert_no_key_logged(*gateways: GatewayProcess) -> None:
+    for gateway in gateways:
+        text = gateway.log_text()  # at DEBUG
+        assert "budget" in text
+        assert all(key not in text for key in (ALPHA, BETA, GAMMA, FREE))
 
 
 def client(gateway: GatewayProcess, key: str) -> openai.OpenAI:
@@ -155,7 +148,7 @@ def counter(redis: RedisServer, scope: str, owner: str, period: str) -> int | No
 def test_a_budget_spent_across_two_replicas_sharing_redis(
     tmp_path: Path, redis: RedisServer, fake: FakeUpstream
 ) -> None:
-    with gateways(config(tmp_path, redis, fake), tmp_path, count=2) as (one, two):
+    with replicas(config(tmp_path, redis, fake), tmp_path, count=2) as (one, two):
         for index in range(PASSING):
             reply = ask((one, two)[index % 2], ALPHA)
             assert reply.choices[0].message.content == "Hello!"
@@ -186,15 +179,16 @@ def test_a_budget_spent_across_two_replicas_sharing_redis(
         # The counter holds exactly what was spent, as does the ledger.
         eventually(lambda: ledger(tmp_path, "alpha") == (PASSING + 3, PASSING * COST))
         assert counter(redis, "key", "alpha", "month") == PASSING * COST
+        assert_no_key_logged(one, two)
 
 
 def test_a_budget_in_the_process_without_redis_survives_a_restart(tmp_path: Path, fake: FakeUpstream) -> None:
     settings = config(tmp_path, None, fake)
-    with gateways(settings, tmp_path) as (gateway,):
+    with replicas(settings, tmp_path) as (gateway,):
         for _ in range(PASSING - 2):
             ask(gateway, ALPHA)
     # A new process seeds its counter from the ledger: it does not start from zero.
-    with gateways(settings, tmp_path) as (gateway,):
+    with replicas(settings, tmp_path) as (gateway,):
         ask(gateway, ALPHA)
         ask(gateway, ALPHA)
         assert_insufficient_quota(refused(gateway, ALPHA), "alpha")
@@ -204,7 +198,7 @@ def test_a_budget_in_the_process_without_redis_survives_a_restart(tmp_path: Path
 
 def test_a_team_budget_holds_its_keys_together(tmp_path: Path, redis: RedisServer, fake: FakeUpstream) -> None:
     # USD 0.054 for the team: 18 000 k + 15 000 <= 54 000 lets calls 0-2 pass.
-    with gateways(config(tmp_path, redis, fake), tmp_path) as (gateway,):
+    with replicas(config(tmp_path, redis, fake), tmp_path) as (gateway,):
         ask(gateway, BETA)
         ask(gateway, GAMMA)
         ask(gateway, BETA)
@@ -231,7 +225,7 @@ def test_a_team_budget_holds_its_keys_together(tmp_path: Path, redis: RedisServe
 def test_budgets_with_redis_stopped_follow_when_state_down(
     tmp_path: Path, redis: RedisServer, fake: FakeUpstream, when: str
 ) -> None:
-    with gateways(config(tmp_path, redis, fake, when_state_down=when), tmp_path) as (gateway,):
+    with replicas(config(tmp_path, redis, fake, when_state_down=when), tmp_path) as (gateway,):
         for _ in range(PASSING):
             ask(gateway, ALPHA)
         assert_insufficient_quota(refused(gateway, ALPHA), "alpha")
@@ -253,7 +247,7 @@ def test_budgets_with_redis_stopped_follow_when_state_down(
 
 
 def test_a_reseed_after_a_redis_restart_is_exact(tmp_path: Path, redis: RedisServer, fake: FakeUpstream) -> None:
-    with gateways(config(tmp_path, redis, fake), tmp_path) as (gateway,):
+    with replicas(config(tmp_path, redis, fake), tmp_path) as (gateway,):
         for _ in range(2):
             ask(gateway, ALPHA)
         eventually(lambda: ledger(tmp_path, "alpha") == (2, 2 * COST))
