@@ -144,6 +144,10 @@ class Reloader:
             return "unchanged"
         if trigger == "watch" and new_digest == self._rejected:
             return ""
+        if self.path is not None and not data.strip():
+            # Valid at start-up (the defaults), but here most likely a file caught while it is rewritten:
+            # taking it would drop every model.
+            return self._rejected_with(f"config file {self.path}: empty", new_digest, trigger)
         try:
             text = data.decode("utf-8")
             parsed = load_text(text, self.current.source, os.environ) if self.path is not None else self.current

@@ -174,15 +174,18 @@ def test_a_bad_config_is_rejected_and_the_old_one_keeps_serving(
 ) -> None:
     config = base_config(fake)
     stack = start(mode, config, tmp_path, stacks)
+    config_path(stack).write_text("")  # caught halfway through a rewrite
+    stack.wait_logs("config reload rejected; the old config keeps serving", len(stack.processes))
     bad = {**config, "models": {**config["models"], "typo": {"provider": "opneai"}}}
     rewrite(config_path(stack), bad)
-    stack.wait_logs("config reload rejected; the old config keeps serving", len(stack.processes))
+    stack.wait_logs("config reload rejected; the old config keeps serving", 2 * len(stack.processes))
     rejected = [line for p in stack.processes for line in p.log_lines() if line["msg"].startswith("config reload rej")]
-    assert all("models.typo" in line["error"] and "opneai" in line["error"] for line in rejected)
+    assert all(line["error"].endswith(": empty") for line in rejected[::2])
+    assert all("models.typo" in line["error"] and "opneai" in line["error"] for line in rejected[1::2])
     for _ in range(4):
         assert models(stack) == {"gpt-4o", "gpt-4o-mini", "dummy"}
         assert post(stack.base_url, {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}).status == 200
-    assert metric(stack, 'llm_gateway_config_reloads_total{result="rejected"}') == 1
+    assert metric(stack, 'llm_gateway_config_reloads_total{result="rejected"}') == 2
     assert metric(stack, 'llm_gateway_config_reloads_total{result="applied"}') == 0
 
     # Fixed, with a change that needs a restart too: the rest applies, that key keeps its value.
