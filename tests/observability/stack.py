@@ -44,6 +44,8 @@ KEY_PANEL_TITLES = (
     "Rate limited (429) / s by key",
     "State backend (Redis)",
 )
+# The Spend dashboard's budget panels: they need keys with budgets, which test_prometheus_budgets.py sets up.
+BUDGET_PANEL_TITLES = ("Budget used (%) by key and team", "Budget spent and left (USD)")
 
 
 def load_dashboard(path: Path) -> dict[str, Any]:

@@ -150,4 +150,6 @@ def test_spend_dashboard_shows_cost_by_model_key_and_team_and_unpriced_requests(
     all_exprs = [expr for _, expr in expressions(dashboard)]
     assert any("llm_gateway_unpriced_requests_total" in e for e in all_exprs), "unpriced requests"
     assert any("llm_gateway_ledger_buffered" in e for e in all_exprs), "the ledger's buffer"
+    burn = exprs(panels_by_title["Budget used (%) by key and team"])[0]
+    assert "llm_gateway_budget_spent_usd" in burn and "/ max by (scope, name) (llm_gateway_budget_limit_usd)" in burn
     assert {v["name"] for v in dashboard["templating"]["list"]} == {"model", "provider", "key", "team"}
