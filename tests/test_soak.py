@@ -1,6 +1,6 @@
 """A soak under injected faults: 5,000 requests, unary and streamed, ~20% of upstream answers faulty,
-a fallback configured. Every request succeeds or gets a well-formed OpenAI error, token metrics equal
-the usage actually served, and nothing leaks."""
+a fallback configured. Every request succeeds or gets a well-formed OpenAI error, reported token metrics
+equal the usage actually served (streams cut short are counted apart, as estimated), and nothing leaks."""
 
 from __future__ import annotations
 
@@ -121,14 +121,20 @@ def test_soak_under_faults(gateway_factory: Callable[..., GatewayProcess]) -> No
         gateway = gateway_factory(config)
         asyncio.run(_drive(gateway.base_url))  # warm-up, so pools and caches are in the baseline
         fds, tasks, rss = _resources(gateway)
-        before = tokens(scrape(gateway))
+        samples = scrape(gateway)
+        before, estimated_before = tokens(samples, usage="reported"), tokens(samples, usage="estimated")
 
         outcomes, served = asyncio.run(_drive(gateway.base_url))
 
         assert sum(outcomes.values()) == REQUESTS
         assert outcomes["200"] > REQUESTS * 0.9, outcomes  # retries and the fallback absorb most faults
-        after = tokens(scrape(gateway))
+        samples = scrape(gateway)
+        after, estimated_after = tokens(samples, usage="reported"), tokens(samples, usage="estimated")
         assert tuple(a - b for a, b in zip(after, before, strict=True)) == served
+        # Streams cut after their first chunk reported no usage: what they streamed is counted as estimated.
+        estimated = tuple(a - b for a, b in zip(estimated_after, estimated_before, strict=True))
+        assert (estimated[2] > 0) == (outcomes.get("stream-error", 0) > 0), (estimated, outcomes)
+        assert estimated[0] + estimated[1] == estimated[2]
         fds_after, tasks_after, rss_after = _resources(gateway)
         # Pools may hold a few more idle keep-alive connections than after the warm-up; a leak of one
         # descriptor or task per failed request would show hundreds.
