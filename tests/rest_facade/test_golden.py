@@ -60,6 +60,10 @@ def test_stream_chunks_reach_client_unchanged(stack: Stack, fake: FakeUpstream, 
     assert reply.status == 200, reply.body
     assert reply.headers["content-type"] == "text/event-stream"
     got = sse_json(reply.body)
+    if not any(event.get("usage") for event in events):
+        # The upstream reported no usage although the client asked: the gateway counts it and says so.
+        *got, estimated = got
+        assert estimated["choices"] == [] and estimated["usage"]["x_llm_gateway_estimated"] is True, estimated
     assert len(got) == len(events)
     for upstream_chunk, client_chunk in zip(events, got, strict=True):
         same_json(upstream_chunk, client_chunk)

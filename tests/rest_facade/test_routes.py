@@ -56,17 +56,20 @@ def make_service(rules: list[tuple[str, bool, http_pb2.HttpRule]], stream_field:
 
 def test_chat_service_routes() -> None:
     routes = {(r.http_method, r.path): r for r in build_routes(CHAT)}
-    assert set(routes) == {("POST", "/v1/chat/completions"), ("GET", "/v1/models")}
+    assert set(routes) == {("POST", "/v1/chat/completions"), ("POST", "/v1/embeddings"), ("GET", "/v1/models")}
     chat = routes[("POST", "/v1/chat/completions")]
     assert chat.unary is not None and chat.unary.method == "/llm_gateway.v1.ChatService/CreateChatCompletion"
     assert chat.streaming is not None and chat.streaming.method == "/llm_gateway.v1.ChatService/StreamChatCompletion"
     assert chat.body == "*"
     models = routes[("GET", "/v1/models")]
     assert models.unary is not None and models.streaming is None and models.body == ""
+    embeddings = routes[("POST", "/v1/embeddings")]
+    assert embeddings.unary is not None and embeddings.unary.method == "/llm_gateway.v1.ChatService/CreateEmbedding"
+    assert embeddings.streaming is None and embeddings.body == "*"
 
 
 def test_the_stream_flag_picks_the_rpc() -> None:
-    (chat,) = [r for r in build_routes(CHAT) if r.http_method == "POST"]
+    (chat,) = [r for r in build_routes(CHAT) if r.path == "/v1/chat/completions"]
     assert chat.pick(chat.decode(b'{"model": "m", "stream": true}', {}, {})) is chat.streaming
     for body in (b'{"model": "m", "stream": false}', b'{"model": "m"}', b'{"model": "m", "stream": null}'):
         assert chat.pick(chat.decode(body, {}, {})) is chat.unary
