@@ -18,6 +18,7 @@ import signal
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from . import logs
@@ -63,13 +64,14 @@ async def _run(
             if process.pid is not None and process.is_alive():
                 os.kill(process.pid, signal.SIGTERM)
 
+    # One sending thread per worker: a config larger than the pipe's buffer waits for a busy worker to
+    # read it without holding up this loop (and SIGTERM), and one worker's configs stay in order.
+    senders = [ThreadPoolExecutor(1, thread_name_prefix=f"config-to-worker-{i}") for i in range(len(workers))]
+
     def send(new: Config) -> bool:
-        for process, (_, writer) in zip(workers, pipes, strict=True):
+        for process, (_, writer), sender in zip(workers, pipes, senders, strict=True):
             if process.is_alive():
-                try:
-                    writer.send(new)
-                except OSError as exc:
-                    log.error("cannot send the new config to a worker", pid=process.pid, error=str(exc))
+                sender.submit(_send, writer, new, process.pid)
         return True
 
     reloader = Reloader(config, prepare, send)
@@ -85,10 +87,19 @@ async def _run(
     stop.set()
     if watcher is not None:
         watcher.cancel()
+    for sender in senders:  # a send still waiting fails by itself: its worker, the pipe's reader, is gone
+        sender.shutdown(wait=False, cancel_futures=True)
     for process in workers:
         if process.pid is not None:
             metrics.mark_worker_dead(process.pid)
     return 1 if killed else max((process.exitcode or 0) for process in workers)
+
+
+def _send(writer: Any, config: Config, pid: int | None) -> None:
+    try:
+        writer.send(config)
+    except OSError as exc:  # the worker is gone
+        log.error("cannot send the new config to a worker", pid=pid, error=str(exc))
 
 
 async def _wait(workers: list[Any], give_up: list[float]) -> bool:
