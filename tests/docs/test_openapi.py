@@ -27,7 +27,7 @@ from openapi_spec_validator import OpenAPIV30SpecValidator
 
 from rest_facade.docs import spec_bytes
 from rest_facade.routes import build_routes
-from rest_facade.server import SERVICE
+from rest_facade.server import SERVICES
 from tests.docs.schemas import SPEC_PATH, Schemas, gateway_schemas, load_yaml, official_schemas
 from tests.harness import ROOT, GatewayProcess
 from tests.observability import test_dockerfile as dockerfile
@@ -188,7 +188,8 @@ def test_spec_is_valid_openapi_3_0(spec: dict[str, Any]) -> None:
 
 
 def test_spec_documents_every_route_the_gateway_serves(spec: dict[str, Any]) -> None:
-    served = {(route.http_method.lower(), route.path) for route in build_routes(SERVICE)} | FACADE_ROUTES
+    routes = [route for service in SERVICES for route in build_routes(service)]
+    served = {(route.http_method.lower(), route.path) for route in routes} | FACADE_ROUTES
     documented = {(method, path) for path, item in spec["paths"].items() for method in item if method != "parameters"}
     assert documented == served
     chat = spec["paths"]["/v1/chat/completions"]["post"]["responses"]["200"]["content"]
