@@ -40,6 +40,11 @@ RUN groupadd --system --gid 10001 gateway \
 COPY --from=builder /opt/venv /opt/venv
 WORKDIR /app
 COPY config.yml ./config.yml
+# The usage ledger's SQLite file lives in a volume the gateway user owns (set USAGE_DATABASE to a
+# postgresql:// URL, or to "" to turn the ledger off).
+RUN mkdir -p /var/lib/llm-gateway && chown gateway:gateway /var/lib/llm-gateway
+ENV USAGE_DATABASE=sqlite:////var/lib/llm-gateway/usage.db
+VOLUME /var/lib/llm-gateway
 USER gateway:gateway
 EXPOSE 8080 50051
 # Slim images have no curl: ask /healthz with the standard library, on the REST port the gateway's own config
