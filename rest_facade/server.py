@@ -46,8 +46,11 @@ class RestServer:
         self._closed = False
 
     def not_ready(self) -> None:
-        """/readyz answers 503 from now on; requests are still served."""
+        """/readyz answers 503 from now on; requests are still served, each with `connection: close`, so a
+        client or load balancer reconnects (elsewhere, once the listener is closed) rather than reuse a
+        connection this server will close. Sanic reads KEEP_ALIVE per request: no cost to the hot path."""
         self.app.ctx.stopping = True
+        self.app.config.KEEP_ALIVE = False
 
     async def close(self, deadline: float) -> None:
         """Stop accepting, let requests in flight finish until `deadline` (loop time), then end what is
@@ -56,7 +59,7 @@ class RestServer:
             return
         self._closed = True
         server = self._server
-        self.app.ctx.stopping = True
+        self.not_ready()
         await server.before_stop()
         closing = server.close()
         # Sanic keeps open connections in a plain set and signals nothing when one goes idle: poll it,
@@ -81,7 +84,10 @@ async def _drain(connections: set[Any], deadline: float) -> None:
     loop = asyncio.get_running_loop()
     while connections and loop.time() < deadline:
         for connection in list(connections):
-            connection.close_if_idle()
+            # Idle, but with bytes of a request it has not parsed yet (Sanic's stage is IDLE until then):
+            # served, not closed, or the request would fail (a load balancer does not resend a POST).
+            if not connection.recv_buffer:
+                connection.close_if_idle()
         await asyncio.sleep(0.05)
 
 

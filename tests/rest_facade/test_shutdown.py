@@ -73,7 +73,8 @@ def test_requests_during_shutdown_delay_are_served_while_not_ready(
     mode: str, fake: FakeUpstream, tmp_path: Path, stacks: list[WorkerStack]
 ) -> None:
     stack = start(mode, fake, tmp_path, stacks, shutdown_delay=6)
-    assert call(stack.base_url, "GET", "/readyz").status == 200
+    ready = call(stack.base_url, "GET", "/readyz")
+    assert ready.status == 200 and ready.headers["connection"] == "keep-alive"
     assert stack.health() == health_pb2.HealthCheckResponse.SERVING
     stack.signal(signal.SIGTERM)
     stack.wait_logs("shutting down", stack.workers * len(stack.processes))
@@ -85,6 +86,8 @@ def test_requests_during_shutdown_delay_are_served_while_not_ready(
         assert stack.health(service) == health_pb2.HealthCheckResponse.NOT_SERVING
     replies = [post(stack.base_url, HELLO) for _ in range(4)]
     assert [r.status for r in replies] == [200] * 4
+    # So that a load balancer reconnects rather than reuse a connection the drain will close.
+    assert [r.headers["connection"] for r in replies] == ["close"] * 4
     assert stack.count_logs("stopped") == 0  # all of it happened inside the delay
     assert stack.wait() == [0] * len(stack.processes)
 
