@@ -196,6 +196,7 @@ class Tenancy:
         self._models = config.models
         self._default_cap = config.limits.default_max_tokens
         self.book = BudgetBook(config)
+        self._deny_unchecked = config.budgets.when_state_down == "deny"
         self.state = _state(config)
         self._owns_state = True
         self._watch_recovery()
@@ -291,8 +292,13 @@ class Tenancy:
         verdict = await self.state.admit(charges, scopes.pools, lease, spend)
         if verdict.failed == MISSING:  # a new period, a restarted Redis: counters seeded from the ledger
             assert verdict.state is not None
-            await self.book.seed(verdict.state, verdict.missing)
-            verdict = await self.state.admit(charges, scopes.pools, lease, spend)
+            if await self.book.seed(verdict.state, verdict.missing):
+                verdict = await self.state.admit(charges, scopes.pools, lease, spend)
+            elif self._deny_unchecked:
+                raise unchecked()
+            else:  # neither the ledger nor the state can seed it: as when the state is down, unchecked
+                spend = []
+                verdict = await self.state.admit(charges, scopes.pools, lease)
         if not verdict.ok:
             if verdict.failed in (UNCHECKED, MISSING):
                 raise unchecked()

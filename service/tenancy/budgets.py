@@ -155,6 +155,7 @@ class BudgetBook:
         self._interval = config.budgets.metrics_interval
         self._gauges: asyncio.Task[None] | None = None
         self._warned = False
+        self._seed_failing = False
 
     def for_key(self, key: ApiKeyConfig) -> tuple[Budget, ...]:
         """The budgets a key's calls must pass: its own, then its team's."""
@@ -178,8 +179,9 @@ class BudgetBook:
 
     # ------------------------------------------------------------------ seeding
 
-    async def seed(self, state: LimitState, counters: Sequence[BudgetCounter]) -> None:
-        """Seed the counters the state does not hold yet (SET NX); concurrent callers share one seeding."""
+    async def seed(self, state: LimitState, counters: Sequence[BudgetCounter]) -> bool:
+        """Seed the counters the state does not hold yet (SET NX); concurrent callers share one seeding.
+        False when the ledger or the state could not be reached (logged once per outage)."""
         waits = []
         for counter in counters:
             task = self._seeding.get(counter.id)
@@ -189,7 +191,15 @@ class BudgetBook:
                 )
                 task.add_done_callback(self._seeded(counter.id))
             waits.append(task)
-        await asyncio.gather(*(asyncio.shield(task) for task in waits))
+        try:
+            await asyncio.gather(*(asyncio.shield(task) for task in waits))
+        except Exception as exc:  # StateUnavailable, or the ledger's database is away
+            if not self._seed_failing:
+                log.warning("budget counters cannot be seeded", error=f"{type(exc).__name__}: {exc}")
+            self._seed_failing = True
+            return False
+        self._seed_failing = False
+        return True
 
     def _seeded(self, key: str) -> Callable[[asyncio.Task[None]], None]:
         def done(_: asyncio.Task[None]) -> None:

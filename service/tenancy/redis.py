@@ -181,6 +181,7 @@ class RedisState:
         self._timeout = timeout
         self._admit_sha = hashlib.sha1(ADMIT.encode()).hexdigest().encode()
         self._encoded: dict[str, tuple[bytes, bytes]] = {}
+        self._budgets: dict[BudgetCounter, tuple[bytes, bytes, bytes]] = {}
         self._lease_arg = _number(lease_seconds * 1000.0)
         self._renew = self._redis.register_script(RENEW)
         self._lease_ms = lease_seconds * 1000.0
@@ -250,10 +251,11 @@ class RedisState:
             keys.append(self._pool(pool)[0])
             args.append(held.encode())
         for counter, reserve in budgets:
-            keys.append((PREFIX + counter.id).encode())
-            args += (b"%d" % counter.limit, b"%d" % reserve, b"%d" % counter.expire_ms)
+            key, limit, expire = self._budget(counter)
+            keys.append(key)
+            args += (limit, b"%d" % reserve, expire)
         for counter, delta in spends:
-            keys.append((PREFIX + counter.id).encode())
+            keys.append(self._budget(counter)[0])
             args.append(b"%d" % delta)
         try:
             async with asyncio.timeout(self._timeout):
@@ -292,6 +294,16 @@ class RedisState:
             encoded = self._encoded[bucket.id] = (
                 (PREFIX + "b:" + bucket.id).encode(),
                 _number(WINDOW_MS / bucket.limit),
+            )
+        return encoded
+
+    def _budget(self, counter: BudgetCounter) -> tuple[bytes, bytes, bytes]:
+        encoded = self._budgets.get(counter)
+        if encoded is None:  # once per counter (a budget's period and limit: a reload may change the limit)
+            encoded = self._budgets[counter] = (
+                (PREFIX + counter.id).encode(),
+                b"%d" % counter.limit,
+                b"%d" % counter.expire_ms,
             )
         return encoded
 
