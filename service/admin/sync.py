@@ -44,6 +44,7 @@ class KeySync:
         self._tenancy = tenancy
         self._version: tuple[int, float] | None = None
         self._skipped: set[str] = set()
+        self._failing = False  # the store could not be read at the last look (logged once per outage)
         self._redis_url = config.state.redis_url
         self._publisher: Any = None
         self._lock = asyncio.Lock()
@@ -89,7 +90,13 @@ class KeySync:
         try:
             await self.refresh()
         except Exception as exc:  # the database is away: the keys loaded stay in force
-            log.warning("created keys cannot be read; the ones loaded stay in force", error=type(exc).__name__)
+            if not self._failing:
+                log.warning("created keys cannot be read; the ones loaded stay in force", error=type(exc).__name__)
+            self._failing = True
+        else:
+            if self._failing:
+                log.warning("created keys can be read again")
+            self._failing = False
 
     async def _run(self) -> None:
         while True:

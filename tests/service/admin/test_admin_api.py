@@ -256,3 +256,20 @@ def test_budgets_report_spend_against_their_limits(tmp_path: Path, upstream: Fak
             "counted_usd": "0.000196",
             "remaining_usd": "0.999804",
         }
+
+
+def test_a_facade_in_front_of_a_remote_service_serves_the_admin_routes(
+    tmp_path: Path, upstream: FakeUpstream, gateway_factory: Callable[..., GatewayProcess]
+) -> None:
+    settings = config(upstream, f"sqlite:///{tmp_path}/usage.db")
+    service = gateway_factory(settings, args=("--grpc-only",))
+    facade = gateway_factory(settings, env={"GRPC_TARGET": service.grpc_address}, wait_grpc=False)
+    created = create_over_rest(facade, name="remote-made")
+    assert chat(facade, created["secret"]).status_code == 200
+    with admin(facade) as client:
+        reply = client.delete("/keys/from-config")  # the service's FAILED_PRECONDITION, over the channel
+        assert reply.status_code == 400 and reply.json()["error"]["param"] == "name"
+        assert client.delete("/keys/remote-made").status_code == 200
+    assert chat(facade, created["secret"]).status_code == 401
+    unauthorized = httpx.get(f"{facade.base_url}/admin/keys")
+    assert unauthorized.status_code == 401 and unauthorized.json()["error"]["code"] == "invalid_api_key"
