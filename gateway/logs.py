@@ -61,7 +61,7 @@ def configure(level: str) -> None:
     # Libraries speak at our level or above, never chattier than WARNING at INFO.
     for name in ("sanic.access",):
         logging.getLogger(name).disabled = True
-    for name in ("sanic.root", "sanic.error", "sanic.server", "grpc", "asyncio"):
+    for name in ("sanic.root", "sanic.error", "sanic.server", "grpc", "asyncio", "watchfiles"):
         library = logging.getLogger(name)
         library.handlers[:] = []
         library.propagate = True

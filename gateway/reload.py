@@ -194,10 +194,18 @@ class Reloader:
         import watchfiles
 
         directory = self.path.absolute().parent
+        name = self.path.name
+
+        def relevant(_change: object, path: str) -> bool:
+            # The file itself (edited, or replaced by a rename), or Kubernetes' `..data` symlink swap; never
+            # the other files of the directory (a log file there would reload every 100 ms).
+            entry = os.path.basename(path)
+            return entry == name or entry.startswith("..")
+
         log.debug("watching the config directory", directory=str(directory))
         try:
             async for _ in watchfiles.awatch(
-                directory, watch_filter=None, debounce=_DEBOUNCE_MS, stop_event=stop, recursive=False
+                directory, watch_filter=relevant, debounce=_DEBOUNCE_MS, stop_event=stop, recursive=False
             ):
                 await self.reload("watch")
         except Exception as exc:  # the directory went away, an inotify limit: SIGHUP still works

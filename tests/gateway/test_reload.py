@@ -261,6 +261,25 @@ def test_watch_config_false_leaves_file_changes_to_sighup(fake: FakeUpstream, tm
         assert gateway.stop() == 0
 
 
+def test_other_files_in_the_config_directory_are_not_watched(fake: FakeUpstream, tmp_path: Path) -> None:
+    """The harness logs into the config's own directory, as a user running from one folder would: neither
+    that log nor any other file there may trigger a reload (each would log and so trigger the next)."""
+    gateway = GatewayProcess(base_config(fake), tmp_path).start()
+    try:
+        assert gateway.config_path is not None and gateway.log_path.parent == gateway.config_path.parent
+        gateway.wait_log(lambda line: line["msg"] == "watching the config directory")
+        for i in range(3):
+            (tmp_path / "notes.txt").write_text(f"edit {i}")
+            call(gateway.base_url, "GET", "/v1/models")
+        time.sleep(2.5)  # over twice the watch's 1 s debounce: what would have fired, has
+        text = call(gateway.base_url, "GET", "/metrics").body.decode()
+        assert 'llm_gateway_config_reloads_total{result="unchanged"} 0.0' in text, text
+        assert not any(line["msg"].startswith("config") for line in gateway.log_lines())
+        assert not any("change detected" in line["msg"] for line in gateway.log_lines())
+    finally:
+        assert gateway.stop() == 0
+
+
 def test_log_level_follows_a_reload(fake: FakeUpstream, tmp_path: Path) -> None:
     config = base_config(fake)
     gateway = GatewayProcess(config, tmp_path).start()
