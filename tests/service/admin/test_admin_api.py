@@ -6,6 +6,8 @@ no secret reaches a log line at DEBUG."""
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,6 +18,7 @@ import httpx
 import openai
 import orjson
 import pytest
+import yaml
 
 from llm_gateway.v1 import admin_pb2, admin_pb2_grpc
 from tests.fakes.upstream import FakeUpstream
@@ -273,3 +276,24 @@ def test_a_facade_in_front_of_a_remote_service_serves_the_admin_routes(
     assert chat(facade, created["secret"]).status_code == 401
     unauthorized = httpx.get(f"{facade.base_url}/admin/keys")
     assert unauthorized.status_code == 401 and unauthorized.json()["error"]["code"] == "invalid_api_key"
+
+
+def test_created_keys_and_the_master_key_through_a_config_reload(tmp_path: Path, upstream: FakeUpstream) -> None:
+    settings = config(upstream, f"sqlite:///{tmp_path}/usage.db")
+    with replicas(settings, tmp_path) as (gateway,):
+        created = create_over_rest(gateway, name="kept")
+        assert gateway.config_path is not None
+        new_master = "mk-rotated-0123456789abcdef"
+        settings["auth"]["master_key"] = new_master
+        scratch = gateway.config_path.with_name("next.yml")
+        scratch.write_text(yaml.safe_dump(settings))
+        os.replace(scratch, gateway.config_path)  # watched: the reload follows
+        gateway.process.send_signal(signal.SIGHUP)  # type: ignore[union-attr]
+        gateway.wait_log(lambda line: line.get("msg") == "config reloaded", timeout=20)
+        # The created key is in force across the swap, and the rotated master key is the one accepted.
+        old = {"authorization": f"Bearer {MASTER}"}
+        eventually(lambda: httpx.get(f"{gateway.base_url}/admin/keys", headers=old).status_code == 401)
+        assert chat(gateway, created["secret"]).status_code == 200
+        with admin(gateway, new_master) as client:
+            assert [k["name"] for k in client.get("/keys").json()["keys"]] == ["from-config", "kept"]
+        assert_no_secret_logged([gateway], created["secret"], MASTER, new_master)
