@@ -124,7 +124,7 @@ class Admission:
             used = usage.prompt_tokens + usage.completion_tokens if usage is not None else self._prompt
             delta = used - self._reserved
             adjust = [(bucket, delta) for bucket in scopes.tokens]
-        spends = [(counter, cost - reserved) for counter, reserved in self._budgets]
+        spends = [(counter, cost) for counter, _ in self._budgets]  # the reservations go with the lease
         if adjust or scopes.pools or spends:
             self._state.settle(adjust, scopes.pools, self._lease, spends)
 
@@ -288,7 +288,7 @@ class Tenancy:
             most = self.book.pricing.reserve(model, prompt, reserved - prompt)
             now = time.time()
             spend = [(budget.counter(now), most) for budget in budgets]
-        lease = new_request_id() if scopes.pools else ""
+        lease = new_request_id() if scopes.pools or budgets else ""  # what slots and reservations are held under
         verdict = await self.state.admit(charges, scopes.pools, lease, spend)
         if verdict.failed == MISSING:  # a new period, a restarted Redis: counters seeded from the ledger
             assert verdict.state is not None
@@ -347,6 +347,8 @@ def _state(config: Config) -> LimitState:
     each limit when several workers split them."""
     share = 1.0 / config.server.workers
     if config.state.redis_url:
-        primary = RedisState(config.state.redis_url, config.state.timeout, config.state.slot_lease)
+        # A budget reservation outlives any call (the deadline caps them), then lapses: a dead replica's go.
+        hold = config.server.request_timeout + 60.0
+        primary = RedisState(config.state.redis_url, config.state.timeout, config.state.slot_lease, hold)
         return FailoverState(primary, MemoryState(share), deny_budgets=config.budgets.when_state_down == "deny")
     return MemoryState(share)

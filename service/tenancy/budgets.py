@@ -12,12 +12,16 @@ taken in the same atomic round trip as the rate limits. Its id carries the perio
 (`budget:key:search:2026-12`), so a new period is a new counter and no reset job exists. A request
 reserves its largest possible cost (the prompt's estimate at the input price, and its completion cap
 at the output price, of the dearest deployment it may reach, fallbacks included) and settles to the
-actual cost when it ends; a request passes while the counter plus its reservation fits.
+actual cost when it ends; a request passes while the spend, the reservations of calls in flight and its
+own reservation fit. Reservations are held apart from the spend, each under its call's lease, which
+lapses (`server.request_timeout` + 60 s) if the call is never settled: a replica killed mid-call leaves
+nothing behind for good.
 
 The ledger is the truth the counters come from: a counter that is not in the state (a new period, a
 restarted Redis, a new process without Redis) is seeded from the ledger's spend for its period with a
 SET, never an increment, so replicas seeding together agree and nothing is counted twice; when Redis
-comes back from an outage every counter is overwritten from the ledger.
+comes back from an outage every counter's spend is overwritten from the ledger (the reservations of
+calls in flight, kept apart, survive it, and their costs land when they settle).
 """
 
 from __future__ import annotations

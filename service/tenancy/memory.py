@@ -27,7 +27,9 @@ class MemoryState:
         self._tat: dict[str, float] = {}
         self._charged: dict[str, float] = {}
         self._slots: dict[str, set[str]] = {}
-        self._budgets: dict[str, int] = {}  # budget counter id -> micro-dollars (this process's share)
+        self._budgets: dict[str, int] = {}  # budget counter id -> micro-dollars spent (this process's share)
+        self._held: dict[str, int] = {}  # budget counter id -> micro-dollars reserved by calls in flight
+        self._holds: dict[tuple[str, str], int] = {}  # (counter id, lease) -> its reservation
         self._expiry: dict[str, int] = {}  # budget counter id -> epoch ms when its period is long over
 
     async def close(self) -> None:
@@ -64,13 +66,16 @@ class MemoryState:
             missing = tuple(counter for counter, _ in budgets if counter.id not in counters)
             if missing:
                 return Verdict(False, [], MISSING, state=self, missing=missing)
+            reserved = self._held
             for index, (counter, reserve) in enumerate(budgets):
-                used, limit = counters[counter.id], int(counter.limit * share)
+                used, limit = counters[counter.id] + reserved.get(counter.id, 0), int(counter.limit * share)
                 if used >= limit or used + reserve > limit:
                     failed = len(charges) + len(pools) + index
                     return Verdict(False, [], failed, counter.expire_ms - time.time() * 1000, used, limit, self)
             for counter, reserve in budgets:
-                counters[counter.id] += reserve
+                if reserve:
+                    reserved[counter.id] = reserved.get(counter.id, 0) + reserve
+                    self._holds[(counter.id, lease)] = reserve
         for (bucket, cost), new in zip(charges, new_tats, strict=True):
             tats[bucket.id] = new
             self._charged[bucket.id] = self._charged.get(bucket.id, 0.0) + cost
@@ -81,9 +86,12 @@ class MemoryState:
     def settle(self, adjustments: Charges, pools: Sequence[SlotPool], lease: str, budgets: Budgets = ()) -> None:
         now = time.monotonic() * 1000.0
         counters = self._budgets
-        for counter, spent in budgets:
+        for counter, cost in budgets:
+            reserved = self._holds.pop((counter.id, lease), 0)
+            if reserved:
+                self._held[counter.id] -= reserved
             if counter.id in counters:  # a counter seeded afresh since has the ledger's word
-                counters[counter.id] += spent
+                counters[counter.id] += cost
         for bucket, delta in adjustments:
             interval = WINDOW_MS / (bucket.limit * self.share)
             tat = max(self._tat.get(bucket.id, now), now)
@@ -108,7 +116,11 @@ class MemoryState:
             self._expiry[counter.id] = counter.expire_ms
 
     async def spent(self, counters: Sequence[BudgetCounter]) -> list[int | None]:
-        return [self._budgets.get(counter.id) for counter in counters]
+        out: list[int | None] = []
+        for counter in counters:
+            value = self._budgets.get(counter.id)
+            out.append(None if value is None else value + self._held.get(counter.id, 0))
+        return out
 
     def charged(self, bucket_id: str) -> float:
         """Net units charged to a bucket since this process started (reservations, then settlements)."""

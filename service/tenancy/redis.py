@@ -8,7 +8,9 @@ the script's keys live in one slot and it runs on Redis Cluster too.
 
     {llm-gateway}:b:<bucket id>   hash: t = the bucket's tat (ms), n = net units charged while it is not idle
     {llm-gateway}:s:<pool id>     sorted set: lease -> expiry (ms)
-    {llm-gateway}:<budget id>     string: micro-dollars spent and reserved, "budget:key:<name>:2026-12"
+    {llm-gateway}:<budget id>     string: micro-dollars spent, "budget:key:<name>:2026-12" (the ledger's)
+    {llm-gateway}:<budget id>:held   hash: lease -> micro-dollars reserved by a call in flight, "*" = their sum
+    {llm-gateway}:<budget id>:exp    sorted set: lease -> when its hold ends (a dead replica's calls)
 
 A bucket's hash expires a minute after it is full again, a pool's set once its last lease has expired,
 a budget counter a day after its period.
@@ -47,9 +49,9 @@ PREFIX = "{llm-gateway}:"
 SETTLE_DELAY = 0.01
 
 # KEYS: admission buckets (nb), admission pools (np), settled buckets (nsb), released pools (nr),
-#       admission budgets (nbu), settled budgets (nbs)
+#       (spent, held, expiry) * admission budgets (nbu), (spent, held, expiry) * settled budgets (nbs)
 # ARGV: nb, np, nsb, nr, lease, lease_ms, nbu, nbs, then (interval, cost) * nb, limit * np,
-#       (interval, delta) * nsb, lease * nr, (limit, reserve, expire_ms) * nbu, delta * nbs
+#       (interval, delta) * nsb, lease * nr, (limit, reserve, expire_ms, hold_ms) * nbu, (cost, lease) * nbs
 # Returns {1, debt...}, {0, failed index (1-based), retry ms, used}, or {2, index...} of the budget
 # counters that are not there yet (to seed from the ledger); numbers as strings (a Lua number would
 # come back truncated to an integer).
@@ -85,12 +87,21 @@ end
 a = a + nr
 k = k + nr
 local ba, bk = a, k
-a = a + 3 * nbu
-k = k + nbu
+a = a + 4 * nbu
+k = k + 3 * nbu
+local function release(held, expiry, holder)
+  local amount = redis.call('HGET', held, holder)
+  if amount then
+    redis.call('HINCRBY', held, '*', -tonumber(amount))
+    redis.call('HDEL', held, holder)
+    redis.call('ZREM', expiry, holder)
+  end
+end
 for i = 1, nbs do
-  -- a counter that is gone (a restarted Redis) is seeded from the ledger, not from a refund
-  if redis.call('EXISTS', KEYS[k + i]) == 1 then
-    redis.call('INCRBY', KEYS[k + i], ARGV[a + i])
+  release(KEYS[k + 3 * i - 1], KEYS[k + 3 * i], ARGV[a + 2 * i])
+  -- a counter that is gone (a restarted Redis) is seeded from the ledger, which has this cost
+  if redis.call('EXISTS', KEYS[k + 3 * i - 2]) == 1 then
+    redis.call('INCRBY', KEYS[k + 3 * i - 2], ARGV[a + 2 * i - 1])
   end
 end
 local news = {}
@@ -112,16 +123,23 @@ for j = 1, np do
   end
 end
 if nbu > 0 then
-  local spent = redis.call('MGET', unpack(KEYS, bk + 1, bk + nbu))
-  local missing = {2}
+  local missing, used = {2}, {}
   for i = 1, nbu do
-    if not spent[i] then missing[#missing + 1] = i end
+    local spent, held, expiry = KEYS[bk + 3 * i - 2], KEYS[bk + 3 * i - 1], KEYS[bk + 3 * i]
+    -- holds of calls a dead replica never settled end with their lease
+    for _, holder in ipairs(redis.call('ZRANGEBYSCORE', expiry, '-inf', now)) do release(held, expiry, holder) end
+    local value = redis.call('GET', spent)
+    if value then
+      used[i] = tonumber(value) + tonumber(redis.call('HGET', held, '*') or '0')
+    else
+      missing[#missing + 1] = i
+    end
   end
   if #missing > 1 then return missing end
   for i = 1, nbu do
-    local used, limit, reserve = tonumber(spent[i]), tonumber(ARGV[ba + 3 * i - 2]), tonumber(ARGV[ba + 3 * i - 1])
-    if used >= limit or used + reserve > limit then
-      return {0, nb + np + i, string.format('%.17g', tonumber(ARGV[ba + 3 * i]) - now), tostring(used)}
+    local limit, reserve = tonumber(ARGV[ba + 4 * i - 3]), tonumber(ARGV[ba + 4 * i - 2])
+    if used[i] >= limit or used[i] + reserve > limit then
+      return {0, nb + np + i, string.format('%.17g', tonumber(ARGV[ba + 4 * i - 1]) - now), tostring(used[i])}
     end
   end
 end
@@ -135,7 +153,14 @@ for j = 1, np do
   redis.call('PEXPIRE', KEYS[nb + j], math.ceil(lease_ms))
 end
 for i = 1, nbu do
-  redis.call('INCRBY', KEYS[bk + i], ARGV[ba + 3 * i - 1])
+  local held, expiry, reserve = KEYS[bk + 3 * i - 1], KEYS[bk + 3 * i], tonumber(ARGV[ba + 4 * i - 2])
+  if reserve > 0 then
+    redis.call('HSET', held, lease, reserve)
+    redis.call('HINCRBY', held, '*', reserve)
+    redis.call('ZADD', expiry, now + tonumber(ARGV[ba + 4 * i]), lease)
+    redis.call('PEXPIREAT', held, ARGV[ba + 4 * i - 1])
+    redis.call('PEXPIREAT', expiry, ARGV[ba + 4 * i - 1])
+  end
 end
 return out
 """
@@ -167,7 +192,7 @@ def _unavailable(exc: BaseException) -> StateUnavailable:
 class RedisState:
     name = "redis"
 
-    def __init__(self, url: str, timeout: float, lease_seconds: float) -> None:
+    def __init__(self, url: str, timeout: float, lease_seconds: float, hold_seconds: float = 660.0) -> None:
         # The client's own timeouts bound every call; no retries: a slow Redis means the in-process
         # limiter answers this request, not a second wait.
         self._redis: Any = redis.asyncio.Redis.from_url(
@@ -181,14 +206,16 @@ class RedisState:
         self._timeout = timeout
         self._admit_sha = hashlib.sha1(ADMIT.encode()).hexdigest().encode()
         self._encoded: dict[str, tuple[bytes, bytes]] = {}
-        self._budgets: dict[BudgetCounter, tuple[bytes, bytes, bytes]] = {}
+        self._budgets: dict[BudgetCounter, tuple[bytes, bytes, bytes, bytes, bytes]] = {}
         self._lease_arg = _number(lease_seconds * 1000.0)
+        # How long a budget reservation holds unless settled: longer than a call may run.
+        self._hold_arg = b"%d" % int(hold_seconds * 1000)
         self._renew = self._redis.register_script(RENEW)
         self._lease_ms = lease_seconds * 1000.0
         self._lease_seconds = lease_seconds
         self._settles: list[tuple[Bucket, float]] = []
         self._releases: list[tuple[SlotPool, str]] = []
-        self._budget_settles: list[tuple[BudgetCounter, int]] = []
+        self._budget_settles: list[tuple[BudgetCounter, int, str]] = []
         self._flush: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._renewer: asyncio.Task[None] | None = None
@@ -251,12 +278,12 @@ class RedisState:
             keys.append(self._pool(pool)[0])
             args.append(held.encode())
         for counter, reserve in budgets:
-            key, limit, expire = self._budget(counter)
-            keys.append(key)
-            args += (limit, b"%d" % reserve, expire)
-        for counter, delta in spends:
-            keys.append(self._budget(counter)[0])
-            args.append(b"%d" % delta)
+            spent, holds, expiry, limit, expire = self._budget(counter)
+            keys += (spent, holds, expiry)
+            args += (limit, b"%d" % reserve, expire, self._hold_arg)
+        for counter, cost, holder in spends:
+            keys += self._budget(counter)[:3]
+            args += (b"%d" % cost, holder.encode())
         try:
             async with asyncio.timeout(self._timeout):
                 reply = await self._evalsha(keys, args)
@@ -297,11 +324,14 @@ class RedisState:
             )
         return encoded
 
-    def _budget(self, counter: BudgetCounter) -> tuple[bytes, bytes, bytes]:
+    def _budget(self, counter: BudgetCounter) -> tuple[bytes, bytes, bytes, bytes, bytes]:
         encoded = self._budgets.get(counter)
         if encoded is None:  # once per counter (a budget's period and limit: a reload may change the limit)
+            key = (PREFIX + counter.id).encode()
             encoded = self._budgets[counter] = (
-                (PREFIX + counter.id).encode(),
+                key,
+                key + b":held",
+                key + b":exp",
                 b"%d" % counter.limit,
                 b"%d" % counter.expire_ms,
             )
@@ -338,7 +368,7 @@ class RedisState:
             self._leases.pop(lease, None)
             self._releases += [(pool, lease) for pool in pools]
         self._settles += [(bucket, delta) for bucket, delta in adjustments if delta]
-        self._budget_settles += [(counter, delta) for counter, delta in budgets if delta]
+        self._budget_settles += [(counter, cost, lease) for counter, cost in budgets]
         if (self._settles or self._releases or self._budget_settles) and self._flush is None:
             self._flush = asyncio.get_running_loop().call_later(SETTLE_DELAY, self._flush_now)
 
@@ -388,10 +418,15 @@ class RedisState:
             return []
         try:
             async with asyncio.timeout(max(self._timeout, 1.0)):
-                values = await self._redis.mget([PREFIX + counter.id for counter in counters])
+                async with self._redis.pipeline(transaction=True) as pipe:
+                    for counter in counters:
+                        pipe.get(PREFIX + counter.id)
+                        pipe.hget(PREFIX + counter.id + ":held", "*")
+                    values = await pipe.execute()
         except _FAILURES as exc:
             raise _unavailable(exc) from None
-        return [None if value is None else int(value) for value in values]
+        spent, held = values[0::2], values[1::2]
+        return [None if value is None else int(value) + int(hold or 0) for value, hold in zip(spent, held, strict=True)]
 
     async def charged(self, bucket_id: str) -> float:
         """Net units charged to a bucket while it has not been idle for a minute."""

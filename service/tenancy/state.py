@@ -59,7 +59,9 @@ class BudgetCounter:
     expire_ms: int  # epoch ms: a day after the period ends, the counter goes
 
 
-# A request's budget charges: each counter and the micro-dollars reserved in it (settlements: the delta).
+# A request's budget charges: each counter and micro-dollars; at admission the reservation (held under
+# the request's lease, apart from the spend), at settlement the actual cost (added to the spend, and the
+# lease's reservation released). A reseed sets the spend only, so calls in flight are never lost by it.
 Budgets = Sequence[tuple[BudgetCounter, int]]
 
 # Verdict.failed when a budget counter is not in the state yet (a new period, a restarted Redis): the
@@ -111,16 +113,17 @@ class LimitState(Protocol):
         ...
 
     def settle(self, adjustments: Charges, pools: Sequence[SlotPool], lease: str, budgets: Budgets = ()) -> None:
-        """Add each adjustment (actual minus reserved, may be negative) and release the lease's slots."""
+        """Add each adjustment (actual minus reserved, may be negative), release the lease's slots, and add
+        each budget's cost while releasing the lease's reservation."""
         ...
 
     async def seed(self, values: Budgets, overwrite: bool) -> None:
-        """Set budget counters to these values (the ledger's spend): a SET, never an increment; only
-        those not there yet unless `overwrite`."""
+        """Set budget counters' spend to these values (the ledger's): a SET, never an increment; only
+        those not there yet unless `overwrite`. Reservations of calls in flight are kept apart."""
         ...
 
     async def spent(self, counters: Sequence[BudgetCounter]) -> list[int | None]:
-        """Each counter's value (reservations in flight included); None when not there."""
+        """Each counter's spend plus the reservations of calls in flight; None when not there."""
         ...
 
     async def close(self) -> None: ...

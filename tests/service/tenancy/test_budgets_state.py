@@ -16,6 +16,7 @@ from service.ledger import UsageRecord, open_ledger
 from service.tenancy import Tenancy
 from service.tenancy.budgets import Budget, Pricing, period_of
 from service.tenancy.failover import FailoverState
+from service.tenancy.redis import RedisState
 from service.tenancy.state import BudgetCounter, LimitState
 from tests.service.tenancy.conftest import RedisServer
 from tests.service.tenancy.limiter import KEY, OTHER, Client, chat, config
@@ -269,3 +270,45 @@ def test_budgets_parse_exactly() -> None:
     assert team is not None and (team.micro_usd, team.period) == (1_000_000_001, "week")
     assert len(config.auth.master_sha256) == 32 and b"mk-0123" not in config.auth.master_sha256
     assert config.budgets.when_state_down == "deny"
+
+
+def test_a_reseed_keeps_the_reservations_of_calls_in_flight(run: Run) -> None:
+    async def body(client: Client) -> None:
+        record, error = await client.admit(chat(max_tokens=1))
+        assert error is None
+        (budget,) = [b for b in client.tenancy.book.all() if b.owner == "alpha"]
+        counter = budget.counter(datetime.now(UTC).timestamp())
+        await state_of(client.tenancy).seed([(counter, 5_000)], overwrite=True)  # the ledger's word
+        assert await spent(client) == 5_000 + RESERVE  # the spend replaced, the call's reservation kept
+        record.cost = 3_000
+        record.finish()
+        assert await spent(client) == 8_000
+
+    run(body, {"auth": keys(1), "models": PRICED, "usage": NO_LEDGER})
+
+
+def test_the_reservations_of_a_dead_replica_lapse(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path).start()
+
+    async def main() -> None:
+        budget = Budget("key", "alpha", parse({"auth": keys(0.02)}, {}).auth.keys[0].budget)  # type: ignore[arg-type]
+        counter = budget.counter(datetime.now(UTC).timestamp())
+        dead = RedisState(server.url, 1.0, 10.0, hold_seconds=0.3)
+        alive = RedisState(server.url, 1.0, 10.0, hold_seconds=600)
+        try:
+            await alive.seed([(counter, 0)], overwrite=True)
+            assert (await dead.admit((), (), "lease-dead", [(counter, RESERVE)])).ok  # never settled
+            assert (await alive.admit((), (), "lease-1", [(counter, RESERVE)])).ok
+            refused = await alive.admit((), (), "lease-2", [(counter, RESERVE)])
+            assert not refused.ok and refused.used == 2 * RESERVE
+            await asyncio.sleep(0.4)  # the dead one's hold has ended; the live one's has not
+            assert (await alive.admit((), (), "lease-3", [(counter, RESERVE)])).ok
+            assert await alive.spent([counter]) == [2 * RESERVE]
+        finally:
+            await dead.close()
+            await alive.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        server.stop()
