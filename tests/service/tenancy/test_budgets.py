@@ -268,3 +268,23 @@ def test_a_reseed_after_a_redis_restart_is_exact(tmp_path: Path, redis: RedisSer
         ask(gateway, ALPHA)
         assert_insufficient_quota(refused(gateway, ALPHA), "alpha")
         eventually(lambda: counter(redis, "key", "alpha", "month") == PASSING * COST)
+
+
+def test_streams_spend_the_budget_by_their_streamed_usage(tmp_path: Path, fake: FakeUpstream) -> None:
+    # The fake's stream reports 9 prompt and 3 completion tokens: 12 000 micro-dollars. With the same
+    # reservation of 15 000, calls 0-6 pass (12 000 k + 15 000 <= 90 000), spending 84 000.
+    fake.by_stream_flag()
+    with replicas(config(tmp_path, None, fake), tmp_path) as (gateway,):
+        sdk = client(gateway, ALPHA)
+        for _ in range(7):
+            stream = sdk.chat.completions.create(
+                model="gpt-4o", messages=[{"role": "user", "content": "Hello"}], max_tokens=7, stream=True
+            )
+            assert "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices) == "Hello!"
+        with pytest.raises(openai.RateLimitError) as caught:
+            sdk.chat.completions.create(
+                model="gpt-4o", messages=[{"role": "user", "content": "Hello"}], max_tokens=7, stream=True
+            )
+        assert_insufficient_quota(caught.value, "alpha")
+        assert len(fake.received) == 7 and budget_refusals([gateway]) == 1
+        eventually(lambda: ledger(tmp_path, "alpha") == (8, 7 * 12_000))
