@@ -130,6 +130,8 @@ def test_create_use_list_revoke_over_rest_and_grpc_on_two_replicas_polling_sqlit
             ("search-bot", "admin", False),
         ]
         assert secret not in str(listed) and "sha256" not in str(listed)
+        handled = 'llm_gateway_grpc_server_handled_total{grpc_code="OK",grpc_method="ListKeys"} 1.0'
+        assert handled in httpx.get(f"{two.base_url}/metrics").text.splitlines()
         # Revoked over gRPC on one replica: 401 on both.
         with admin_stub(two) as stub:
             revoked = stub.RevokeKey(admin_pb2.RevokeKeyRequest(name="search-bot"), metadata=MASTER_METADATA)
