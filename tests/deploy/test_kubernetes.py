@@ -531,9 +531,10 @@ def configmap_gateway(target: Path, tmp_path: Path) -> Iterator[tuple[Rendered, 
     process.stop()
 
 
-def _get(url: str) -> tuple[int, bytes]:
+def _get(url: str, key: str = "", body: bytes | None = None) -> tuple[int, bytes]:
+    headers = {"authorization": f"Bearer {key}", "content-type": "application/json"} if key else {}
     try:
-        with urllib.request.urlopen(url, timeout=5) as response:
+        with urllib.request.urlopen(urllib.request.Request(url, data=body, headers=headers), timeout=5) as response:
             return response.status, response.read()
     except urllib.error.HTTPError as error:
         return error.code, error.read()
@@ -558,11 +559,16 @@ def test_an_edited_configmap_is_reloaded_in_place(configmap_gateway: tuple[Rende
     """What `kubectl apply -k` after an edit of config.yml does to a pod: the same ConfigMap (no hash suffix)
     gets new data, the kubelet swaps the mount's symlink, and the running gateway serves the new model."""
     rendered, process, mount = configmap_gateway
+    # The base sets a master key, so auth is on: a key from the admin API, as an operator would make one.
+    master = rendered.environ()["LLM_GATEWAY_MASTER_KEY"]
+    status, body = _get(process.base_url + "/admin/keys", master, b'{"name": "k8s-test"}')
+    assert status == 200, body
+    key = orjson.loads(body)["secret"]
     assert "  dummy: dummy\n" in rendered.config_yaml
     kubelet_update(mount, rendered.config_yaml.replace("  dummy: dummy\n", "  dummy: dummy\n  k8s-added: dummy\n"))
     deadline = time.monotonic() + 30
     while True:
-        status, body = _get(process.base_url + "/v1/models")
+        status, body = _get(process.base_url + "/v1/models", key)
         assert status == 200, body
         if "k8s-added" in {model["id"] for model in orjson.loads(body)["data"]}:
             break
