@@ -50,12 +50,20 @@ def config(feature: str, base: dict[str, Any], upstream_base: str, workdir: Path
     if feature == "rest-anthropic":
         # The same model names, served by Anthropic-shaped bodies: the requests stay the same.
         cfg["providers"] = {
-            f"bench-{kind}": {"type": "anthropic", "api_url": f"{upstream_base}/anthropic-{kind}", "api_key": "bench"}
+            f"bench-{kind}": {
+                "type": "anthropic",
+                "api_url": f"{upstream_base}/anthropic-{kind}",
+                "api_key": "sk-bench-upstream-unused",
+            }
             for kind in ("unary", "stream")
         }
     if feature == "rest-embeddings":
         cfg["providers"] = {
-            f"bench-{kind}": {"type": "openai", "api_url": f"{upstream_base}/embed-{kind}/v1", "api_key": "bench"}
+            f"bench-{kind}": {
+                "type": "openai",
+                "api_url": f"{upstream_base}/embed-{kind}/v1",
+                "api_key": "sk-bench-upstream-unused",
+            }
             for kind in EMBEDDING_KINDS
         }
         cfg["models"] = {f"bench-{kind}": f"bench-{kind}" for kind in EMBEDDING_KINDS}

@@ -32,7 +32,8 @@ def gateway_config(upstream: dict[str, str], log_level: str) -> dict[str, Any]:
         "logging": {"level": log_level},
         "routing": {"retries": 0},
         "providers": {
-            f"bench-{kind}": {"type": "openai", "api_url": url, "api_key": "bench"} for kind, url in upstream.items()
+            f"bench-{kind}": {"type": "openai", "api_url": url, "api_key": "sk-bench-upstream-unused"}
+            for kind, url in upstream.items()
         },
         "models": {f"bench-{kind}": f"bench-{kind}" for kind in upstream},
         # The ledger is on by default; here it is a feature scenario of its own (rest-full, features.py).
@@ -152,7 +153,11 @@ def start_litellm(workdir: Path, upstream: dict[str, str], workers: int) -> tupl
         "model_list": [
             {
                 "model_name": f"bench-{kind}",
-                "litellm_params": {"model": f"openai/bench-{kind}", "api_base": url, "api_key": "bench"},
+                "litellm_params": {
+                    "model": f"openai/bench-{kind}",
+                    "api_base": url,
+                    "api_key": "sk-bench-upstream-unused",
+                },
             }
             for kind, url in upstream.items()
         ],

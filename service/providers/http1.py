@@ -91,9 +91,17 @@ class Response:
 
     async def read(self) -> bytes:
         connection = self._owned()
+        parts: list[bytes] = []
         while not connection.complete:
+            if connection.paused:
+                # A body past the read-ahead limit (16 embeddings of 1536 floats is 0.5 MB): taking what is
+                # buffered resumes the socket reads, which would otherwise wait for a take() forever.
+                parts.append(connection.take())
             await connection.wait()
-        return connection.take()
+        if not parts:
+            return connection.take()
+        parts.append(connection.take())
+        return b"".join(parts)
 
     async def blocks(self) -> AsyncIterator[bytes]:
         """The body as it arrives: everything buffered since the last step, one block per step."""

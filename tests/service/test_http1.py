@@ -474,6 +474,22 @@ def test_header_values_with_line_breaks_are_refused() -> None:
     assert not http1.safe_header("traceparent", "00\nx")
 
 
+def test_a_body_larger_than_the_read_ahead_limit_is_read_whole() -> None:
+    """read() of a body past the point where the socket reads pause (256 KiB) must resume them itself."""
+    body = bytes(range(256)) * (4 * 1024 * 4)  # 4 MiB, in several reads
+
+    async def main() -> None:
+        reply = b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
+        async with Server(answering(reply)) as server:
+            pool = http1.Pool(server.url(), read_timeout=10)
+            assert await post(pool) == (200, body)
+            assert await post(pool) == (200, body)  # and the connection is reused
+            assert server.connections == 1
+            await pool.close()
+
+    run(main())
+
+
 def test_a_reader_that_falls_behind_stops_the_socket_reads() -> None:
     """Backpressure: past a small buffer the client stops reading, so a fast upstream waits for it
     instead of filling the gateway's memory."""
