@@ -119,12 +119,13 @@ class Admission:
         self._done = True
         self.use.finish(status, usage)
         scopes = self._scopes
-        adjust: list[tuple[Bucket, float]] = []
+        adjust: Sequence[tuple[Bucket, float]] = ()
         if scopes.tokens:
             used = usage.prompt_tokens + usage.completion_tokens if usage is not None else self._prompt
             delta = used - self._reserved
             adjust = [(bucket, delta) for bucket in scopes.tokens]
-        spends = [(counter, cost) for counter, _ in self._budgets]  # the reservations go with the lease
+        budgets = self._budgets
+        spends = [(counter, cost) for counter, _ in budgets] if budgets else ()  # reservations go with the lease
         if adjust or scopes.pools or spends:
             self._state.settle(adjust, scopes.pools, self._lease, spends)
 
@@ -283,7 +284,7 @@ class Tenancy:
                     pair.too_large[index].inc()
                     raise too_large_error(bucket, reserved)
                 charges.append((bucket, float(reserved)))
-        spend: list[tuple[BudgetCounter, int]] = []
+        spend: Sequence[tuple[BudgetCounter, int]] = ()
         if budgets:  # the most this request can cost, reserved in each budget
             most = self.book.pricing.reserve(model, prompt, reserved - prompt)
             now = time.time()
@@ -297,7 +298,7 @@ class Tenancy:
             elif self._deny_unchecked:
                 raise unchecked()
             else:  # neither the ledger nor the state can seed it: as when the state is down, unchecked
-                spend = []
+                spend = ()
                 verdict = await self.state.admit(charges, scopes.pools, lease)
         if not verdict.ok:
             if verdict.failed in (UNCHECKED, MISSING):
