@@ -22,6 +22,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import unquote
 
 import orjson
 from google.api import annotations_pb2, http_pb2
@@ -107,7 +108,7 @@ class Route:
             fields = self._query
             message = self.codec.decode({key: fields[key](values) for key, values in query.items() if key in fields})
         for name, value in path_params.items():
-            setattr(message, name, value)
+            setattr(message, name, unquote(value))  # as grpc-gateway does: /admin/keys/team%3Abot is team:bot
         return message
 
     def _error(self, problem: str) -> RouteConfigError:

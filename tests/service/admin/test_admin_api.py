@@ -215,6 +215,10 @@ def test_the_master_key_is_required_over_rest_and_grpc(tmp_path: Path, upstream:
             assert client.post("/keys", json={"name": "from-config"}).status_code == 409
             assert client.post("/keys", json={"name": "dup"}).status_code == 200
             assert client.post("/keys", json={"name": "dup"}).status_code == 409
+            # A name with the characters a key name may hold, percent-encoded in the path.
+            assert client.post("/keys", json={"name": "team:bot@x"}).status_code == 200
+            gone = client.delete("/keys/team%3Abot%40x")
+            assert gone.status_code == 200 and gone.json()["name"] == "team:bot@x"
             bad = client.post("/keys", json={"name": "bad", "models": ["nope"]})
             assert bad.status_code == 400 and "'nope' is not a configured model" in bad.json()["error"]["message"]
             assert client.post("/keys", json={"name": "bad", "unknown": 1}).status_code == 400
