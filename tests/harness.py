@@ -154,12 +154,14 @@ class GatewayProcess:
 
 
 @contextlib.contextmanager
-def replicas(config: dict[str, Any], workdir: Path, count: int = 1) -> Iterator[list[GatewayProcess]]:
+def replicas(
+    config: dict[str, Any], workdir: Path, count: int = 1, args: tuple[str, ...] = ()
+) -> Iterator[list[GatewayProcess]]:
     """`count` gateways of one config, started in turn and stopped (SIGTERM) at the end, however it ends."""
     started: list[GatewayProcess] = []
     try:
         for _ in range(count):
-            started.append(GatewayProcess(config, workdir).start())
+            started.append(GatewayProcess(config, workdir, args=args).start())
         yield started
     finally:
         for process in started:
