@@ -148,7 +148,7 @@ def counter(redis: RedisServer, scope: str, owner: str, period: str) -> int | No
 def test_a_budget_spent_across_two_replicas_sharing_redis(
     tmp_path: Path, redis: RedisServer, fake: FakeUpstream
 ) -> None:
-    with replicas(config(tmp_path, redis, fake), tmp_path, count=2) as (one, two):
+    with replicas(config(tmp_path, redis, fake), tmp_path, count=2, args=("--workers", "2")) as (one, two):
         for index in range(PASSING):
             reply = ask((one, two)[index % 2], ALPHA)
             assert reply.choices[0].message.content == "Hello!"
