@@ -1,9 +1,10 @@
 """`python -m bench.profile`: py-spy samples of the gateway under one benchmark scenario.
 
-Starts nginx and the gateway (in-process REST, or the gRPC-only service for --path grpc-direct),
-runs the load, and records the gateway's worker with `py-spy record --format raw` (collapsed
-stacks), then prints the top frames by own time and by inclusive time. Needs py-spy (PyPI) on PATH
-or in the venv; it is not a project dependency.
+Starts nginx and the gateway (in-process REST, the gRPC-only service for --path grpc-direct, or
+in-process REST with one feature on for a feature path such as rest-keys-redis, with a redis-server
+of its own when the path needs one: bench/features.py), runs the load, and records the gateway's
+worker with `py-spy record --format raw` (collapsed stacks), then prints the top frames by own time
+and by inclusive time. Needs py-spy (PyPI) on PATH or in the venv; it is not a project dependency.
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ import tempfile
 import threading
 from pathlib import Path
 
-from . import systems
+from . import features, systems
 from .procs import free_port
-from .run import _grpc_target, _rest_target
+from .run import LOADGEN_CPUS, _grpc_target, _rest_target
 from .upstream import Nginx
 
 
@@ -53,7 +54,8 @@ def summarize(collapsed: Path, top: int) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__)
-    parser.add_argument("--path", choices=("rest-inproc", "rest-separate", "grpc-direct"), default="rest-inproc")
+    paths = ("rest-inproc", "rest-separate", "grpc-direct", *features.FEATURES)
+    parser.add_argument("--path", choices=paths, default="rest-inproc")
     parser.add_argument("--kind", choices=("unary", "stream"), default="unary")
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--seconds", type=float, default=10)
@@ -65,11 +67,19 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     nginx = Nginx(out / "nginx", free_port(), None).start()
     procs: list[systems.Proc] = []
+    redis: features.Redis | None = None
     try:
         upstream = {kind: nginx.url(kind) for kind in ("unary", "stream")}
         config = systems.gateway_config(upstream, "WARNING")
-        if args.path == "rest-inproc":
-            gateway, rest, _ = systems.start_gateway("profile-inproc", out, config, 1)
+        authorization = ""
+        if args.path in features.FEATURES:
+            if args.path in features.REDIS_FEATURES:
+                redis = features.Redis(out, LOADGEN_CPUS).start()
+            redis_url = redis.url if redis is not None else ""
+            config = features.config(args.path, config, nginx.base, out, redis_url)
+            authorization = features.authorization(args.path)
+        if args.path == "rest-inproc" or args.path in features.FEATURES:
+            gateway, rest, _ = systems.start_gateway(f"profile-{args.path}", out, config, 1)
             procs.append(gateway)
             targets = {"": gateway.pid}
         else:
@@ -85,7 +95,7 @@ def main() -> None:
         if args.path == "grpc-direct":
             load = _grpc_target(f"127.0.0.1:{grpc_port}", args.kind)
         else:
-            load = _rest_target(f"http://127.0.0.1:{rest}/v1/chat/completions", args.kind, out)
+            load = _rest_target(f"http://127.0.0.1:{rest}/v1/chat/completions", args.kind, out, authorization)
         load(args.concurrency, 2)  # warm-up
         spies = {
             name: subprocess.Popen(
@@ -122,6 +132,8 @@ def main() -> None:
     finally:
         for proc in procs:
             proc.stop()
+        if redis is not None:
+            redis.stop()
         nginx.stop()
 
 

@@ -123,7 +123,8 @@ class Admission:
         if scopes.tokens:
             used = usage.prompt_tokens + usage.completion_tokens if usage is not None else self._prompt
             delta = used - self._reserved
-            adjust = [(bucket, delta) for bucket in scopes.tokens]
+            if delta:  # a reservation that was exact has nothing to settle
+                adjust = [(bucket, delta) for bucket in scopes.tokens]
         budgets = self._budgets
         spends = [(counter, cost) for counter, _ in budgets] if budgets else ()  # reservations go with the lease
         if adjust or scopes.pools or spends:
@@ -137,7 +138,7 @@ ChatOrEmbedding = chat_pb2.CreateChatCompletionRequest | chat_pb2.CreateEmbeddin
 class _Pair:
     """What admitting one (key, model) pair needs, built once per key table."""
 
-    __slots__ = ("budgets", "limited", "scopes", "too_large", "use")
+    __slots__ = ("budgets", "limited", "request_charges", "scopes", "too_large", "use")
 
     def __init__(
         self,
@@ -149,6 +150,7 @@ class _Pair:
     ):
         self.use = use
         self.scopes = scopes
+        self.request_charges = tuple((bucket, 1.0) for bucket in scopes.requests)
         self.limited = limited  # per charge, then per pool, then per budget: the rate_limited_total child
         self.too_large = too_large  # per tokens bucket
         self.budgets = budgets
@@ -207,6 +209,15 @@ class Tenancy:
         with contextlib.suppress(RuntimeError):  # built on the serving loop: the budget gauges start
             asyncio.get_running_loop()
             self.book.start_gauges()
+
+    @property
+    def state(self) -> LimitState:
+        return self._state
+
+    @state.setter
+    def state(self, state: LimitState) -> None:
+        self._state = state
+        self._local = state if isinstance(state, MemoryState) else None
 
     @property
     def keys(self) -> tuple[ApiKeyConfig, ...]:
@@ -272,7 +283,7 @@ class Tenancy:
         if not scopes and not budgets:
             return
         prompt = reserved = 0
-        charges: list[tuple[Bucket, float]] = [(bucket, 1.0) for bucket in scopes.requests]
+        charges: list[tuple[Bucket, float]] = [*pair.request_charges]  # (bucket, 1.0), built once per pair
         if scopes.tokens or budgets:
             if isinstance(request, chat_pb2.CreateChatCompletionRequest):
                 prompt = estimate_prompt_tokens(request)
@@ -290,7 +301,11 @@ class Tenancy:
             now = time.time()
             spend = [(budget.counter(now), most) for budget in budgets]
         lease = new_request_id() if scopes.pools or budgets else ""  # what slots and reservations are held under
-        verdict = await self.state.admit(charges, scopes.pools, lease, spend)
+        local = self._local
+        if local is not None:  # in this process: a plain call, no coroutine to create and await
+            verdict = local.admit_now(charges, scopes.pools, lease, spend)
+        else:
+            verdict = await self.state.admit(charges, scopes.pools, lease, spend)
         if verdict.failed == MISSING:  # a new period, a restarted Redis: counters seeded from the ledger
             assert verdict.state is not None
             if await self.book.seed(verdict.state, verdict.missing):
@@ -319,7 +334,7 @@ class Tenancy:
             )
             raise error
         if verdict.levels:
-            call.response_metadata.update(headers(verdict.levels, len(scopes.requests)))
+            headers(verdict.levels, len(scopes.requests), call.response_metadata)
         assert verdict.state is not None
         record.tenant = Admission(
             pair.use, scopes, verdict.state, reserved, prompt, lease, spend if verdict.budgeted else ()

@@ -31,7 +31,8 @@ def estimate_prompt_tokens(request: chat_pb2.CreateChatCompletionRequest) -> int
     """About four characters a token: cheap (no tokenizer), and within a few tokens for English text."""
     chars = 0
     attachments = 0
-    for message in request.messages:
+    messages = request.messages  # each access of a repeated field builds a wrapper (0.2 us): read once
+    for message in messages:
         kind = message.WhichOneof("content")
         if kind == "content_text":
             chars += len(message.content_text)
@@ -41,16 +42,15 @@ def estimate_prompt_tokens(request: chat_pb2.CreateChatCompletionRequest) -> int
                     chars += len(part.text)
                 else:
                     attachments += 1
-        for call in message.tool_calls:
-            chars += len(call.function.arguments) + len(call.function.name)
-    for tool in request.tools:
-        chars += tool.ByteSize()
-    return (
-        chars // CHARS_PER_TOKEN
-        + MESSAGE_TOKENS * len(request.messages)
-        + REPLY_TOKENS
-        + (ATTACHMENT_TOKENS * attachments)
-    )
+        calls = message.tool_calls
+        if calls:  # iterating an empty repeated field still costs an iterator (0.4 us)
+            for call in calls:
+                chars += len(call.function.arguments) + len(call.function.name)
+    tools = request.tools
+    if tools:
+        for tool in tools:
+            chars += tool.ByteSize()
+    return chars // CHARS_PER_TOKEN + MESSAGE_TOKENS * len(messages) + REPLY_TOKENS + ATTACHMENT_TOKENS * attachments
 
 
 def completion_cap(request: chat_pb2.CreateChatCompletionRequest, default: int) -> int:
@@ -63,13 +63,14 @@ def completion_cap(request: chat_pb2.CreateChatCompletionRequest, default: int) 
     return max(cap, 0) * (request.n if request.HasField("n") and request.n > 0 else 1)
 
 
+_MS_TEXT = ("0s", *(f"{ms}ms" for ms in range(1, 1000)))  # the reset header of most requests: no formatting
+
+
 def go_duration(ms: float) -> str:
     """A duration as OpenAI (and Go) write it: `20ms`, `1s`, `1.5s`, `6m0s`, `1h0m0s`."""
     whole = max(0, math.ceil(ms - 1e-9))
-    if whole == 0:
-        return "0s"
     if whole < 1000:
-        return f"{whole}ms"
+        return _MS_TEXT[whole]
     hours, rest = divmod(whole, 3_600_000)
     minutes, rest = divmod(rest, 60_000)
     seconds = f"{rest / 1000:.3f}".rstrip("0").rstrip(".")
@@ -116,16 +117,36 @@ def model_buckets(config: Config) -> dict[str, KeyScopes]:
     }
 
 
-def headers(levels: Sequence[Level], requests: int) -> dict[str, str]:
-    """OpenAI's x-ratelimit-* for the tightest requests scope and the tightest tokens scope."""
-    out: dict[str, str] = {}
-    for kind, group in (("requests", levels[:requests]), ("tokens", levels[requests:])):
-        if group:
-            tight = min(group, key=_remaining)
-            out[f"x-ratelimit-limit-{kind}"] = str(int(tight.limit))
-            out[f"x-ratelimit-remaining-{kind}"] = str(max(0, math.floor(tight.remaining + 1e-9)))
-            out[f"x-ratelimit-reset-{kind}"] = go_duration(tight.reset_ms)
-    return out
+_HEADER_NAMES = {
+    kind: (f"x-ratelimit-limit-{kind}", f"x-ratelimit-remaining-{kind}", f"x-ratelimit-reset-{kind}")
+    for kind in ("requests", "tokens")
+}
+
+
+def headers(levels: Sequence[Level], requests: int, out: dict[str, str]) -> None:
+    """OpenAI's x-ratelimit-* for the tightest requests scope and the tightest tokens scope, into `out`
+    (the call's response metadata: no dict of its own per request)."""
+    if requests:
+        _put(out, _HEADER_NAMES["requests"], levels[0] if requests == 1 else min(levels[:requests], key=_remaining))
+    if len(levels) > requests:
+        tokens = levels[requests:]
+        _put(out, _HEADER_NAMES["tokens"], tokens[0] if len(tokens) == 1 else min(tokens, key=_remaining))
+
+
+_LIMIT_TEXT: dict[float, str] = {}  # a handful of limits (the config's, times a worker's share): formatted once
+
+
+def _put(out: dict[str, str], names: tuple[str, str, str], tight: Level) -> None:
+    limit, remaining, reset = names
+    text = _LIMIT_TEXT.get(tight.limit)
+    if text is None:
+        if len(_LIMIT_TEXT) > 1024:  # limits of configs reloaded many times over
+            _LIMIT_TEXT.clear()
+        text = _LIMIT_TEXT[tight.limit] = str(int(tight.limit))
+    out[limit] = text
+    left = tight.remaining + 1e-9
+    out[remaining] = str(int(left)) if left > 0 else "0"  # int() is floor for positives
+    out[reset] = go_duration(tight.reset_ms)
 
 
 def _remaining(level: Level) -> float:

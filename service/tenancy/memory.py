@@ -47,15 +47,18 @@ class MemoryState:
         for index, (bucket, cost) in enumerate(charges):
             limit = bucket.limit * share
             interval = WINDOW_MS / limit
-            start = max(tats.get(bucket.id, now), now)
+            start = tats.get(bucket.id, now)
+            if start < now:  # an idle bucket: full
+                start = now
             # A reservation larger than this worker's share still passes when the bucket is full.
-            debt = start - now + min(cost, limit) * interval
+            debt = start - now + (cost if cost < limit else limit) * interval
             if debt > WINDOW_MS + EPSILON_MS:
                 used = (start - now) / interval
                 return Verdict(False, [], index, debt - WINDOW_MS, used, limit, self)
             new = start + cost * interval
             new_tats.append(new)
-            levels.append(Level(limit, (WINDOW_MS - (new - now)) / interval, new - now))
+            ahead = new - now
+            levels.append(Level(limit, (WINDOW_MS - ahead) / interval, ahead))
         for index, pool in enumerate(pools):
             limit = max(1, int(pool.limit * share))
             held = self._slots.get(pool.id)
@@ -76,15 +79,15 @@ class MemoryState:
                 if reserve:
                     reserved[counter.id] = reserved.get(counter.id, 0) + reserve
                     self._holds[(counter.id, lease)] = reserve
+        charged = self._charged
         for (bucket, cost), new in zip(charges, new_tats, strict=True):
             tats[bucket.id] = new
-            self._charged[bucket.id] = self._charged.get(bucket.id, 0.0) + cost
+            charged[bucket.id] = charged.get(bucket.id, 0.0) + cost
         for pool in pools:
             self._slots.setdefault(pool.id, set()).add(lease)
-        return Verdict(True, levels, state=self)
+        return Verdict(True, levels, -1, 0.0, 0.0, 0.0, self)
 
     def settle(self, adjustments: Charges, pools: Sequence[SlotPool], lease: str, budgets: Budgets = ()) -> None:
-        now = time.monotonic() * 1000.0
         counters = self._budgets
         for counter, cost in budgets:
             reserved = self._holds.pop((counter.id, lease), 0)
@@ -92,11 +95,13 @@ class MemoryState:
                 self._held[counter.id] -= reserved
             if counter.id in counters:  # a counter seeded afresh since has the ledger's word
                 counters[counter.id] += cost
+        tats, charged, share = self._tat, self._charged, self.share
+        now = time.monotonic() * 1000.0 if adjustments else 0.0
         for bucket, delta in adjustments:
-            interval = WINDOW_MS / (bucket.limit * self.share)
-            tat = max(self._tat.get(bucket.id, now), now)
-            self._tat[bucket.id] = max(tat + delta * interval, now)
-            self._charged[bucket.id] = self._charged.get(bucket.id, 0.0) + delta
+            tat = tats.get(bucket.id, now)
+            tat = (tat if tat > now else now) + delta * WINDOW_MS / (bucket.limit * share)
+            tats[bucket.id] = tat if tat > now else now
+            charged[bucket.id] = charged.get(bucket.id, 0.0) + delta
         for pool in pools:
             held = self._slots.get(pool.id)
             if held is not None:
