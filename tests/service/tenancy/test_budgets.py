@@ -115,6 +115,15 @@ def budget_refusals(gateways: list[GatewayProcess]) -> float:
     return total
 
 
+def quota_refusals(gateways: list[GatewayProcess]) -> int:
+    return sum(
+        1
+        for gateway in gateways
+        for line in gateway.log_lines()
+        if line.get("msg") == "chat completion" and line.get("error_type") == "insufficient_quota"
+    )
+
+
 def ledger(tmp: Path, key: str) -> tuple[int, int]:
     """(calls, micro-dollars) the ledger holds for a key."""
     path = tmp / "usage.db"
@@ -154,9 +163,11 @@ def test_a_budget_spent_across_two_replicas_sharing_redis(
             assert reply.choices[0].message.content == "Hello!"
         error = refused((one, two)[PASSING % 2], ALPHA)
         assert_insufficient_quota(error, "alpha")
-        # The SDK took x-should-retry: false at its word: one refusal, and no call reached the upstream.
-        assert budget_refusals([one, two]) == 1
+        # The SDK took x-should-retry: false at its word: one refusal (each call's access line is written
+        # before its answer leaves), and no call reached the upstream.
+        assert quota_refusals([one, two]) == 1
         assert len(fake.received) == PASSING
+        eventually(lambda: budget_refusals([one, two]) == 1)  # other workers' metrics are flushed every 0.5 s
         # The other replica refuses too, and over gRPC it is RESOURCE_EXHAUSTED with a QuotaFailure.
         assert_insufficient_quota(refused(one, ALPHA), "alpha")
         with two.channel() as channel:
