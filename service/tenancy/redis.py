@@ -29,6 +29,7 @@ import redis.exceptions
 
 from gateway.logs import get_logger
 
+from .redis_pipe import RedisPipe
 from .state import (
     MISSING,
     WINDOW_MS,
@@ -184,6 +185,19 @@ def _number(value: float) -> bytes:
     return b"%d" % value if value == int(value) else repr(value).encode()
 
 
+def _bulk(value: bytes) -> bytes:
+    """A RESP bulk string."""
+    return b"$%d\r\n%s\r\n" % (len(value), value)
+
+
+_COUNTS = tuple(_bulk(b"%d" % n) for n in range(64))
+_EMPTY = _bulk(b"")
+
+
+def _count(n: int) -> bytes:
+    return _COUNTS[n] if n < 64 else _bulk(b"%d" % n)
+
+
 def _unavailable(exc: BaseException) -> StateUnavailable:
     slow = isinstance(exc, (asyncio.TimeoutError, redis.exceptions.TimeoutError))
     return StateUnavailable(type(exc).__name__, timeout=slow)
@@ -204,12 +218,14 @@ class RedisState:
             health_check_interval=0,
         )
         self._timeout = timeout
-        self._admit_sha = hashlib.sha1(ADMIT.encode()).hexdigest().encode()
+        self._pipe = RedisPipe(url, timeout)  # the admissions' connection
+        sha = hashlib.sha1(ADMIT.encode()).hexdigest().encode()
+        self._evalsha_head = _bulk(b"EVALSHA") + _bulk(sha)
         self._encoded: dict[str, tuple[bytes, bytes]] = {}
         self._budgets: dict[BudgetCounter, tuple[bytes, bytes, bytes, bytes, bytes]] = {}
-        self._lease_arg = _number(lease_seconds * 1000.0)
+        self._lease_arg = _bulk(_number(lease_seconds * 1000.0))
         # How long a budget reservation holds unless settled: longer than a call may run.
-        self._hold_arg = b"%d" % int(hold_seconds * 1000)
+        self._hold_arg = _bulk(b"%d" % int(hold_seconds * 1000))
         self._renew = self._redis.register_script(RENEW)
         self._lease_ms = lease_seconds * 1000.0
         self._lease_seconds = lease_seconds
@@ -231,12 +247,14 @@ class RedisState:
                 await asyncio.gather(*(self._redis.ping() for _ in range(connections)))
                 await self._redis.script_load(ADMIT)
                 await self._redis.script_load(RENEW)
+                await self._pipe.connect()
 
     async def reconnect(self) -> None:
         """Back from an outage: drop the pooled connections (a restarted server closed them all) and warm
         up fresh ones, the scripts loaded again."""
         with contextlib.suppress(*_FAILURES):
             await self._redis.connection_pool.disconnect()
+        await self._pipe.reset()
         await self.warm()
 
     async def ping(self) -> None:
@@ -248,24 +266,25 @@ class RedisState:
 
     async def admit(self, charges: Charges, pools: Sequence[SlotPool], lease: str, budgets: Budgets = ()) -> Verdict:
         settles, releases, spends = self._settles, self._releases, self._budget_settles
-        self._settles, self._releases, self._budget_settles = [], [], []
-        # The command is packed here from bytes encoded once per bucket: redis-py's own packing of the
-        # ~20 arguments cost more CPU than the round trip itself.
+        if settles or releases or spends:
+            self._settles, self._releases, self._budget_settles = [], [], []
+        # The command is packed here, RESP and all, from bulk strings packed once per bucket, pool and
+        # counter: redis-py's own packing of the ~20 arguments cost more CPU than the round trip itself.
         keys: list[bytes] = []
         args: list[bytes] = [
-            b"%d" % len(charges),
-            b"%d" % len(pools),
-            b"%d" % len(settles),
-            b"%d" % len(releases),
-            lease.encode(),
+            _count(len(charges)),
+            _count(len(pools)),
+            _count(len(settles)),
+            _count(len(releases)),
+            _bulk(lease.encode()) if lease else _EMPTY,
             self._lease_arg,
-            b"%d" % len(budgets),
-            b"%d" % len(spends),
+            _count(len(budgets)),
+            _count(len(spends)),
         ]
         for bucket, cost in charges:
             key, per_unit = self._bucket(bucket)
             keys.append(key)
-            args += (per_unit, _number(cost))
+            args += (per_unit, _bulk(_number(cost)))
         for pool in pools:
             key, limit = self._pool(pool)
             keys.append(key)
@@ -273,20 +292,23 @@ class RedisState:
         for bucket, delta in settles:
             key, per_unit = self._bucket(bucket)
             keys.append(key)
-            args += (per_unit, _number(delta))
+            args += (per_unit, _bulk(_number(delta)))
         for pool, held in releases:
             keys.append(self._pool(pool)[0])
-            args.append(held.encode())
+            args.append(_bulk(held.encode()))
         for counter, reserve in budgets:
             spent, holds, expiry, limit, expire = self._budget(counter)
             keys += (spent, holds, expiry)
-            args += (limit, b"%d" % reserve, expire, self._hold_arg)
+            args += (limit, _bulk(b"%d" % reserve), expire, self._hold_arg)
         for counter, cost, holder in spends:
             keys += self._budget(counter)[:3]
-            args += (b"%d" % cost, holder.encode())
+            args += (_bulk(b"%d" % cost), _bulk(holder.encode()))
+        packed = b"".join(
+            (b"*%d\r\n" % (3 + len(keys) + len(args)), self._evalsha_head, _count(len(keys)), *keys, *args)
+        )
         try:
-            async with asyncio.timeout(self._timeout):
-                reply = await self._evalsha(keys, args)
+            # The pipe's own timer bounds the call (no asyncio.timeout: three getpid() calls on 3.11).
+            reply = await self._evalsha(packed)
         except _FAILURES as exc:
             # The queued settlements are dropped, never sent twice: leases expire on their own, and a lost
             # refund only errs on the strict side.
@@ -319,8 +341,8 @@ class RedisState:
         encoded = self._encoded.get(bucket.id)
         if encoded is None:
             encoded = self._encoded[bucket.id] = (
-                (PREFIX + "b:" + bucket.id).encode(),
-                _number(WINDOW_MS / bucket.limit),
+                _bulk((PREFIX + "b:" + bucket.id).encode()),
+                _bulk(_number(WINDOW_MS / bucket.limit)),
             )
         return encoded
 
@@ -329,39 +351,31 @@ class RedisState:
         if encoded is None:  # once per counter (a budget's period and limit: a reload may change the limit)
             key = (PREFIX + counter.id).encode()
             encoded = self._budgets[counter] = (
-                key,
-                key + b":held",
-                key + b":exp",
-                b"%d" % counter.limit,
-                b"%d" % counter.expire_ms,
+                _bulk(key),
+                _bulk(key + b":held"),
+                _bulk(key + b":exp"),
+                _bulk(b"%d" % counter.limit),
+                _bulk(b"%d" % counter.expire_ms),
             )
         return encoded
 
     def _pool(self, pool: SlotPool) -> tuple[bytes, bytes]:
         encoded = self._encoded.get(pool.id)
         if encoded is None:
-            encoded = self._encoded[pool.id] = ((PREFIX + "s:" + pool.id).encode(), b"%d" % pool.limit)
+            encoded = self._encoded[pool.id] = (
+                _bulk((PREFIX + "s:" + pool.id).encode()),
+                _bulk(b"%d" % pool.limit),
+            )
         return encoded
 
-    async def _evalsha(self, keys: list[bytes], args: list[bytes]) -> Any:
-        """EVALSHA of the admission script on a pooled connection; loads the script once if Redis lost it."""
-        items = [b"EVALSHA", self._admit_sha, b"%d" % len(keys), *keys, *args]
-        packed = b"*%d\r\n" % len(items) + b"".join(b"$%d\r\n%s\r\n" % (len(item), item) for item in items)
-        pool = self._redis.connection_pool
-        connection = await pool.get_connection()
+    async def _evalsha(self, packed: bytes) -> Any:
+        """EVALSHA of the admission script on the pipe; loads the script once if Redis lost it."""
         try:
-            await connection.send_packed_command(packed, check_health=False)
-            try:
-                return await connection.read_response()
-            except redis.exceptions.NoScriptError:
+            return await self._pipe.call(packed)
+        except redis.exceptions.NoScriptError:
+            async with asyncio.timeout(max(self._timeout, 1.0)):
                 await self._redis.script_load(ADMIT)  # a restarted or flushed Redis
-                await connection.send_packed_command(packed, check_health=False)
-                return await connection.read_response()
-        except BaseException:
-            await connection.disconnect()  # cut mid-reply (a timeout): never reuse it
-            raise
-        finally:
-            await pool.release(connection)
+            return await self._pipe.call(packed)
 
     def settle(self, adjustments: Charges, pools: Sequence[SlotPool], lease: str, budgets: Budgets = ()) -> None:
         if pools:
@@ -447,4 +461,5 @@ class RedisState:
         if self._renewer is not None:
             self._renewer.cancel()
         await asyncio.gather(*self._tasks, *(t for t in (self._renewer,) if t), return_exceptions=True)
+        await self._pipe.close()
         await self._redis.aclose()
