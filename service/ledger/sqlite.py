@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
 import sqlite3
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -43,8 +45,24 @@ def path_of(url: str) -> str:
     return urlsplit(url).path[1:]
 
 
+_second: list[tuple[int, str]] = [(-1, "")]  # the last second formatted, and its text: records come in order
+
+
 def _stamp(ts: float) -> str:
-    return utc(ts).isoformat(timespec="microseconds")[:26] + "Z"  # _TS; isoformat is the faster C path
+    """_TS, as datetime rounds it (half to even, to the microsecond); the date and time of day are formatted
+    once per second (datetime's isoformat per record took a third of a record's write)."""
+    fraction, whole = math.modf(ts)
+    micros = round(fraction * 1e6)
+    second = int(whole)
+    if micros >= 1_000_000:
+        second, micros = second + 1, micros - 1_000_000
+    if micros < 0 or second < 0:  # before 1970: not a record's time, but keep datetime's answer
+        return utc(ts).isoformat(timespec="microseconds")[:26] + "Z"
+    last, text = _second[0]
+    if last != second:
+        text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        _second[0] = (second, text)
+    return f"{text}.{micros:06d}Z"
 
 
 class SqliteLedger(Ledger):
