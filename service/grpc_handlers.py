@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, NoReturn
 
 import grpc
@@ -40,8 +40,11 @@ class Unparsable:
 def add_to_server(servicer: Any, service: ServiceDescriptor, server: grpc.aio.Server) -> None:
     """Register `servicer`'s methods (by RPC name) for every RPC of `service`, as the generated code would."""
     handlers = {method.name: _handler(method, getattr(servicer, method.name)) for method in service.methods}
+    # Generic only, not also "registered": grpc.aio's accept loop keeps one pending request per
+    # registered method and asyncio.wait()s on all of them for each incoming call (one done-callback
+    # added and removed per future: 15 futures with ChatService, AdminService, health and reflection
+    # registered, about 14 us per call here, 5 without ours, about 8 us).
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
-    server.add_registered_method_handlers(service.full_name, handlers)  # type: ignore[attr-defined]  # stubs predate it
 
 
 def _handler(method: MethodDescriptor, behaviour: Callable[..., Any]) -> grpc.RpcMethodHandler[Any, Any]:
@@ -97,15 +100,30 @@ def _unary(behaviour: Callable[[Any, Context], Awaitable[Any]], refuse: _Refusal
     return handle
 
 
+def batched(behaviour: Callable[..., AsyncIterator[Sequence[Any]]]) -> Callable[..., AsyncIterator[Sequence[Any]]]:
+    """Marks a server-streaming servicer method that yields lists of messages: each is sent on its own."""
+    behaviour.batched = True  # type: ignore[attr-defined]
+    return behaviour
+
+
 def _streaming(behaviour: Callable[[Any, Context], AsyncIterator[Any]], refuse: _Refusal) -> Callable[..., Any]:
-    # A stream's handler must itself be an async generator for grpc.aio: this one adds a hop per
-    # message (about 0.15 us, against grpc.aio's own 100 us per message).
-    async def handle(request: Any, context: Context) -> AsyncIterator[Any]:
+    # A coroutine, not an async generator: grpc.aio then lets it write each message itself, which
+    # saves its `async for` over one generator more per message. A `batched` behaviour's lists are
+    # written message by message here, without a generator step per message in between.
+    many = getattr(behaviour, "batched", False)
+
+    async def handle(request: Any, context: Context) -> None:
         if request.__class__ is Unparsable:
             await refuse(request, context, time.perf_counter())
-        # aclosing: when grpc.aio stops this generator at a yield, the servicer's is closed now, not by GC.
+        write = context.write
+        # aclosing: when a write fails (the client went away), the servicer's generator is closed now, not by GC.
         async with contextlib.aclosing(behaviour(request, context)) as responses:  # type: ignore[type-var]
-            async for response in responses:
-                yield response
+            if many:
+                async for batch in responses:
+                    for response in batch:
+                        await write(response)
+            else:
+                async for response in responses:
+                    await write(response)
 
     return handle
