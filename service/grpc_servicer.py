@@ -16,6 +16,7 @@ from gateway.errors import GatewayError, ShuttingDownError
 from llm_gateway.v1 import chat_pb2, chat_pb2_grpc
 
 from .chat import ChatCore
+from .grpc_handlers import batched
 from .spend import COST_HEADER
 
 _SERVICE = chat_pb2.DESCRIPTOR.services_by_name["ChatService"]
@@ -111,14 +112,11 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         rpc.done(started, grpc.StatusCode.OK)
         return response
 
-    async def StreamChatCompletion(
+    @batched  # one message per chunk on the wire, written by the handler straight from the batches
+    def StreamChatCompletion(  # type: ignore[override]
         self, request: chat_pb2.CreateChatCompletionRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> AsyncIterator[chat_pb2.ChatCompletionChunk]:
-        # aclosing: when grpc.aio stops this generator at a yield, the inner one is closed now, not by GC.
-        async with contextlib.aclosing(self._batches("StreamChatCompletion", request, context)) as batches:
-            async for batch in batches:
-                for chunk in batch:
-                    yield chunk
+    ) -> AsyncIterator[list[chat_pb2.ChatCompletionChunk]]:
+        return self._batches("StreamChatCompletion", request, context)
 
     async def StreamChatCompletionBatches(
         self, request: chat_pb2.CreateChatCompletionRequest, context: grpc.aio.ServicerContext[Any, Any]
