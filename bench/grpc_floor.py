@@ -2,7 +2,10 @@
 
 It runs no gateway code at all (no routing, no upstream, no metrics), so its CPU per call is what
 grpc.aio itself costs for the same messages: the floor under `grpc-direct`. Unary calls get one
-ChatCompletion; streams get the same 20 chunks and usage chunk the nginx upstream serves, built once.
+ChatCompletion; streams get the same 20 chunks and usage chunk the nginx upstream serves, built once,
+one message each as StreamChatCompletion sends them. Like the gateway's workers it runs on uvloop,
+with the gateway's server options. It sends no initial metadata of its own; the gateway's
+x-llm-gateway-* headers cost one more C-core batch per call (see bench/profile-notes.md, round 2).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import orjson
 
 from gateway.jsonpb import MessageCodec
 from llm_gateway.v1 import chat_pb2, chat_pb2_grpc
+from service.server import SERVER_OPTIONS
 
 from .upstream import stream_body, unary_body
 
@@ -44,7 +48,7 @@ class FixedChat(chat_pb2_grpc.ChatServiceServicer):
 
 
 async def serve(port: int) -> None:
-    server = grpc.aio.server()
+    server = grpc.aio.server(options=SERVER_OPTIONS)  # the gateway's own server options
     chat_pb2_grpc.add_ChatServiceServicer_to_server(FixedChat(), server)  # type: ignore[no-untyped-call]
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()

@@ -19,6 +19,10 @@ from .grpc_handlers import add_to_server
 from .grpc_servicer import ChatServicer
 
 SERVICE_NAME = chat_pb2.DESCRIPTOR.services_by_name["ChatService"].full_name
+# grpc enables SO_REUSEPORT on Linux, so several worker processes can bind one port. Nothing else:
+# optimization_target (latency or throughput), max_concurrent_streams, enable_retries=0 and
+# enable_http_proxy=0 measured within noise of the defaults (bench/profile-notes.md, round 2).
+SERVER_OPTIONS: list[tuple[str, Any]] = [("grpc.so_reuseport", 1)]
 # After the grace period, calls still running are ended with a shutting_down status; this is how
 # long they get to send it before grpc.aio aborts what is left.
 _GOODBYE = 1.0
@@ -59,8 +63,7 @@ async def start_grpc_server(
     core: ChatCore, address: str, others: Sequence[tuple[Any, ServiceDescriptor]] = ()
 ) -> ServiceServer:
     """ChatService, and `others` (servicer, service), health and reflection, on `address`."""
-    # grpc enables SO_REUSEPORT on Linux, so several worker processes can bind one port.
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 1)])
+    server = grpc.aio.server(options=SERVER_OPTIONS)
     servicer = ChatServicer(core)
     # Not the generated add_ChatServiceServicer_to_server: undecodable bytes must be INVALID_ARGUMENT.
     add_to_server(servicer, chat_pb2.DESCRIPTOR.services_by_name["ChatService"], server)
