@@ -308,7 +308,11 @@ class RedisState:
         )
         try:
             # The pipe's own timer bounds the call (no asyncio.timeout: three getpid() calls on 3.11).
-            reply = await self._evalsha(packed)
+            try:
+                reply = await self._pipe.call(packed)
+            except redis.exceptions.NoScriptError:
+                await self._load_admit()  # a restarted or flushed Redis
+                reply = await self._pipe.call(packed)
         except _FAILURES as exc:
             # The queued settlements are dropped, never sent twice: leases expire on their own, and a lost
             # refund only errs on the strict side.
@@ -368,14 +372,9 @@ class RedisState:
             )
         return encoded
 
-    async def _evalsha(self, packed: bytes) -> Any:
-        """EVALSHA of the admission script on the pipe; loads the script once if Redis lost it."""
-        try:
-            return await self._pipe.call(packed)
-        except redis.exceptions.NoScriptError:
-            async with asyncio.timeout(max(self._timeout, 1.0)):
-                await self._redis.script_load(ADMIT)  # a restarted or flushed Redis
-            return await self._pipe.call(packed)
+    async def _load_admit(self) -> None:
+        async with asyncio.timeout(max(self._timeout, 1.0)):
+            await self._redis.script_load(ADMIT)
 
     def settle(self, adjustments: Charges, pools: Sequence[SlotPool], lease: str, budgets: Budgets = ()) -> None:
         if pools:
