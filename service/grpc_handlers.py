@@ -38,7 +38,7 @@ class Unparsable:
 
 
 def add_to_server(servicer: Any, service: ServiceDescriptor, server: grpc.aio.Server) -> None:
-    """Register `servicer`'s methods (by RPC name) for every RPC of `service`, as the generated code would."""
+    """Serve every RPC of `service` by `servicer`'s method of its name, with generic handlers only."""
     handlers = {method.name: _handler(method, getattr(servicer, method.name)) for method in service.methods}
     # Generic only, not also "registered": grpc.aio's accept loop keeps one pending request per
     # registered method and asyncio.wait()s on all of them for each incoming call (one done-callback
