@@ -39,7 +39,7 @@ class Unparsable:
 
 def add_to_server(servicer: Any, service: ServiceDescriptor, server: grpc.aio.Server) -> None:
     """Serve every RPC of `service` by `servicer`'s method of its name, with generic handlers only."""
-    handlers = {method.name: _handler(method, getattr(servicer, method.name)) for method in service.methods}
+    handlers = {method.name: method_handler(method, getattr(servicer, method.name)) for method in service.methods}
     # Generic only, not also "registered": grpc.aio's accept loop keeps one pending request per
     # registered method and asyncio.wait()s on all of them for each incoming call (one done-callback
     # added and removed per future: 15 futures with ChatService, AdminService, health and reflection
@@ -47,7 +47,8 @@ def add_to_server(servicer: Any, service: ServiceDescriptor, server: grpc.aio.Se
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
 
 
-def _handler(method: MethodDescriptor, behaviour: Callable[..., Any]) -> grpc.RpcMethodHandler[Any, Any]:
+def method_handler(method: MethodDescriptor, behaviour: Callable[..., Any]) -> grpc.RpcMethodHandler[Any, Any]:
+    """The handler of one RPC, served by `behaviour` (a servicer method, `batched` or not)."""
     if method.client_streaming:
         raise TypeError(f"{method.full_name}: client-streaming RPCs have no handler here")
     request_type: type[Message] = message_factory.GetMessageClass(method.input_type)

@@ -18,6 +18,7 @@ from gateway.jsonpb import MessageCodec
 from llm_gateway.v1 import chat_pb2
 from rest_facade.channel import ChannelBackend, batched_twin
 from service.chat import ChatCore
+from service.grpc_handlers import method_handler
 from service.grpc_servicer import ChatServicer
 from tests.harness import GatewayProcess, free_port
 
@@ -86,11 +87,7 @@ def test_an_older_service_without_the_twin_gets_the_plain_rpc() -> None:
         seen = _Seen()
         server = grpc.aio.server(interceptors=(seen,))
         # Only the RPC an older service had: the batched twin is UNIMPLEMENTED, as for any unknown method.
-        handler = grpc.unary_stream_rpc_method_handler(
-            servicer.StreamChatCompletion,
-            request_deserializer=chat_pb2.CreateChatCompletionRequest.FromString,
-            response_serializer=chat_pb2.ChatCompletionChunk.SerializeToString,
-        )
+        handler = method_handler(SERVICE.methods_by_name["StreamChatCompletion"], servicer.StreamChatCompletion)
         server.add_generic_rpc_handlers(
             (grpc.method_handlers_generic_handler(SERVICE.full_name, {"StreamChatCompletion": handler}),)
         )
