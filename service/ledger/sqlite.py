@@ -87,7 +87,7 @@ class SqliteLedger(Ledger):
             conn = sqlite3.connect(self.path, timeout=_BUSY_MS / 1000, isolation_level=None, check_same_thread=False)
             try:
                 conn.execute(f"PRAGMA busy_timeout = {_BUSY_MS}")
-                conn.execute("PRAGMA journal_mode = WAL")
+                _wal(conn)
                 conn.execute("PRAGMA synchronous = NORMAL")
                 self._migrate(conn)
             except BaseException:
@@ -177,3 +177,19 @@ class SqliteLedger(Ledger):
 
 def _epoch(text: str) -> float:
     return datetime.strptime(text, _TS).replace(tzinfo=UTC).timestamp()
+
+
+def _wal(conn: sqlite3.Connection) -> None:
+    """WAL mode, set once per file. Switching needs the file to itself, and SQLite answers "locked" at
+    once there rather than through the busy handler: another worker or replica opening the file at the
+    same moment is waited for here (this runs on the ledger's own thread)."""
+    for attempt in range(50):
+        try:
+            if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() == "wal":
+                return
+            conn.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or attempt == 49:
+                raise
+            time.sleep(0.1)
