@@ -57,7 +57,8 @@ class ChatCore:
         if self.tenancy is not None:
             self.tenancy.book.writer = self.spend.ledger  # budgets seed from the ledger, unwritten records too
         self.keysync = KeySync.build(config, self.tenancy)  # the admin API's created keys, kept current
-        usage_estimate.warm(config)
+        # The tokenizer is not loaded here: its encodings take about 50 MB a process, which workers whose
+        # upstreams report usage never need; the first estimate loads them (usage_estimate.count).
         self._fallbacks = {
             (name, other): metrics.FALLBACKS.labels(name, other)
             for name, route in config.models.items()
