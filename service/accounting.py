@@ -10,9 +10,8 @@ import asyncio
 import logging
 import os
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
-
-from prometheus_client.metrics import Counter
 
 from gateway import metrics
 from gateway.call import CallInfo, new_request_id
@@ -25,6 +24,7 @@ from gateway.errors import (
     UpstreamTimeoutError,
     UpstreamUnavailableError,
 )
+from gateway.hotmetrics import Observer, incrementer
 from gateway.logs import get_logger
 from llm_gateway.v1 import chat_pb2
 
@@ -37,7 +37,8 @@ _PID = os.getpid()  # per worker: each is a process of its own, spawned fresh
 
 
 class RouteMetrics:
-    """The metric children of one (model, provider) pair, bound once: `labels()` is not free."""
+    """The metric children of one (model, provider) pair, bound once: `labels()` is not free, and the
+    children are kept in their request-path form (gateway/hotmetrics.py)."""
 
     def __init__(self, model: str, provider: str) -> None:
         self.model = model
@@ -45,30 +46,31 @@ class RouteMetrics:
         labels = (model, provider)
         # Indexed by RequestRecord.usage_estimated: [reported, estimated].
         kinds = (metrics.USAGE_REPORTED, metrics.USAGE_ESTIMATED)
-        self.prompt_tokens = tuple(metrics.PROMPT_TOKENS.labels(*labels, kind) for kind in kinds)
-        self.completion_tokens = tuple(metrics.COMPLETION_TOKENS.labels(*labels, kind) for kind in kinds)
-        self.total_tokens = tuple(metrics.TOTAL_TOKENS.labels(*labels, kind) for kind in kinds)
-        self.duration = {s: metrics.REQUEST_DURATION.labels(*labels, s) for s in ("false", "true")}
-        self.ttft = metrics.TIME_TO_FIRST_TOKEN.labels(*labels)
-        self.upstream = metrics.UPSTREAM_DURATION.labels(*labels)
-        self.overhead = metrics.OVERHEAD.labels(*labels)
-        self.in_flight = metrics.IN_FLIGHT.labels(*labels)
-        self._requests: dict[tuple[str, int], Counter] = {}
-        self._upstream_errors: dict[str, Counter] = {}
+        self.prompt_tokens = tuple(incrementer(metrics.PROMPT_TOKENS.labels(*labels, kind)) for kind in kinds)
+        self.completion_tokens = tuple(incrementer(metrics.COMPLETION_TOKENS.labels(*labels, kind)) for kind in kinds)
+        self.total_tokens = tuple(incrementer(metrics.TOTAL_TOKENS.labels(*labels, kind)) for kind in kinds)
+        self.duration = {s: Observer(metrics.REQUEST_DURATION.labels(*labels, s)) for s in ("false", "true")}
+        self.ttft = Observer(metrics.TIME_TO_FIRST_TOKEN.labels(*labels))
+        self.upstream = Observer(metrics.UPSTREAM_DURATION.labels(*labels))
+        self.overhead = Observer(metrics.OVERHEAD.labels(*labels))
+        self.in_flight = incrementer(metrics.IN_FLIGHT.labels(*labels))  # +1 when routed, -1 when answered
+        self._requests: dict[tuple[str, int], Callable[[float], None]] = {}
+        self._upstream_errors: dict[str, Callable[[float], None]] = {}
 
-    def requests(self, stream: str, outcome: int) -> Counter:
-        child = self._requests.get((stream, outcome))
-        if child is None:
-            child = self._requests[(stream, outcome)] = metrics.REQUESTS.labels(
-                self.model, self.provider, stream, str(outcome)
+    def requests(self, stream: str, outcome: int) -> Callable[[float], None]:
+        """The requests counter's increment for one outcome."""
+        inc = self._requests.get((stream, outcome))
+        if inc is None:
+            inc = self._requests[(stream, outcome)] = incrementer(
+                metrics.REQUESTS.labels(self.model, self.provider, stream, str(outcome))
             )
-        return child
+        return inc
 
-    def upstream_error(self, kind: str) -> Counter:
-        child = self._upstream_errors.get(kind)
-        if child is None:
-            child = self._upstream_errors[kind] = metrics.UPSTREAM_ERRORS.labels(self.provider, kind)
-        return child
+    def upstream_error(self, kind: str) -> Callable[[float], None]:
+        inc = self._upstream_errors.get(kind)
+        if inc is None:
+            inc = self._upstream_errors[kind] = incrementer(metrics.UPSTREAM_ERRORS.labels(self.provider, kind))
+        return inc
 
 
 UNROUTED = RouteMetrics(metrics.UNKNOWN_MODEL, metrics.NO_PROVIDER)
@@ -141,7 +143,7 @@ class RequestRecord:
 
     def upstream_failed(self, error: GatewayError) -> None:
         """Count one failed upstream attempt against the deployment's provider."""
-        self.metrics.upstream_error(upstream_error_kind(error)).inc()
+        self.metrics.upstream_error(upstream_error_kind(error))(1.0)
         self.in_upstream = False
 
     def failed(self, exc: BaseException) -> BaseException:
@@ -165,7 +167,7 @@ class RequestRecord:
         route = self.metrics
         status = self.error.http_status if self.error else 200
         stream = "true" if self.stream else "false"
-        route.requests(stream, status).inc()
+        route.requests(stream, status)(1.0)
         if route is not UNROUTED:
             route.duration[stream].observe(elapsed)
             route.upstream.observe(self.upstream_wait)
@@ -173,13 +175,13 @@ class RequestRecord:
             if self.first_chunk:
                 route.ttft.observe(self.first_chunk - self.started)
             if self.error is not None and self.in_upstream:  # the deadline ran out while waiting upstream
-                route.upstream_error(upstream_error_kind(self.error)).inc()
+                route.upstream_error(upstream_error_kind(self.error))(1.0)
         usage = self.usage
         if usage is not None:
             estimated = self.usage_estimated
-            route.prompt_tokens[estimated].inc(usage.prompt_tokens)
-            route.completion_tokens[estimated].inc(usage.completion_tokens)
-            route.total_tokens[estimated].inc(usage.total_tokens)
+            route.prompt_tokens[estimated](usage.prompt_tokens)
+            route.completion_tokens[estimated](usage.completion_tokens)
+            route.total_tokens[estimated](usage.total_tokens)
         if self.meter is not None:
             self.meter.settle(self, status, elapsed)  # cost, and the ledger's record
         tenant = self.tenant

@@ -125,7 +125,7 @@ class ChatCore:
                 raise
             finally:
                 record.upstream_wait += time.perf_counter() - sent
-                record.metrics.in_flight.dec()
+                record.metrics.in_flight(-1.0)
             state.succeeded()
             record.in_upstream = False
             self._answered(attempt, call)
@@ -199,7 +199,7 @@ class ChatCore:
             else:
                 state.succeeded()
             finally:
-                record.metrics.in_flight.dec()
+                record.metrics.in_flight(-1.0)
                 if not handed_off:
                     await batches.aclose()  # type: ignore[attr-defined]
             if record.usage is None:  # the upstream reported none: the gateway counts it (only then)
@@ -243,12 +243,12 @@ class ChatCore:
             except GatewayError as exc:
                 error = exc
                 await batches.aclose()  # type: ignore[attr-defined]
-                record.metrics.in_flight.dec()
+                record.metrics.in_flight(-1.0)
                 self._attempt_failed(attempt, exc, record, spans)
                 continue
             except BaseException:
                 await batches.aclose()  # type: ignore[attr-defined]
-                record.metrics.in_flight.dec()
+                record.metrics.in_flight(-1.0)
                 state.abandoned()
                 raise
             self._answered(attempt, call)
@@ -312,7 +312,7 @@ class ChatCore:
             await asyncio.sleep(attempt.wait)
         state = attempt.state
         record.metrics = self.router.metrics(request.model, state.deployment.provider)
-        record.metrics.in_flight.inc()
+        record.metrics.in_flight(1.0)
         record.attempts = attempt.number
         if attempt.model != request.model and attempt.model != record.served_by:
             self._fallbacks[(request.model, attempt.model)].inc()

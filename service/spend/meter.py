@@ -15,13 +15,14 @@ facade's contract: OpenAI's framing and nothing else), so its cost is in the led
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import orjson
-from prometheus_client.metrics import Counter
 
 from gateway import metrics
 from gateway.config import Config
+from gateway.hotmetrics import incrementer
 from llm_gateway.v1 import chat_pb2
 from service.ledger import release
 from service.ledger.base import UsageRecord
@@ -70,8 +71,8 @@ class SpendMeter:
     def __init__(self, config: Config, ledger: LedgerWriter | None = None, table: PriceTable | None = None) -> None:
         self.prices = resolve_prices(config, table or builtin())
         self.ledger = ledger
-        self._cost: dict[tuple[str, str, str], Counter] = {}
-        self._unpriced: dict[tuple[str, str], Counter] = {}
+        self._cost: dict[tuple[str, str, str], Callable[[float], None]] = {}
+        self._unpriced: dict[tuple[str, str], Callable[[float], None]] = {}
 
     def price(self, record: RequestRecord) -> Price | None:
         return self.prices.get((record.served_by, record.deployment))
@@ -87,11 +88,11 @@ class SpendMeter:
             cached = cached_tokens(usage)
             price = self.price(record)
             if price is None:
-                self._unpriced_counter(route.model, route.provider).inc()
+                self._unpriced_counter(route.model, route.provider)(1.0)
             else:
                 written = cache_write_tokens(usage) if usage.extra else 0
                 cost = record.cost = price.cost(prompt, cached, completion, written)
-                self._cost_counter(route.model, route.provider, key, team).inc(cost / MICRO)
+                self._cost_counter(route.model, route.provider, key, team)(cost / MICRO)
                 if status == 200:
                     record.call.response_metadata[COST_HEADER] = usd(cost)
         ledger = self.ledger
@@ -119,17 +120,18 @@ class SpendMeter:
                 )
             )
 
-    def _cost_counter(self, model: str, provider: str, key: str, team: str) -> Counter:
-        child = self._cost.get((model, provider, key))
-        if child is None:  # a key has one team: (model, provider, key) is enough to find the child
-            child = self._cost[(model, provider, key)] = metrics.COST.labels(model, provider, key, team or NO_KEY)
-        return child
+    def _cost_counter(self, model: str, provider: str, key: str, team: str) -> Callable[[float], None]:
+        inc = self._cost.get((model, provider, key))
+        if inc is None:  # a key has one team: (model, provider, key) is enough to find the child
+            child = metrics.COST.labels(model, provider, key, team or NO_KEY)
+            inc = self._cost[(model, provider, key)] = incrementer(child)
+        return inc
 
-    def _unpriced_counter(self, model: str, provider: str) -> Counter:
-        child = self._unpriced.get((model, provider))
-        if child is None:
-            child = self._unpriced[(model, provider)] = metrics.UNPRICED.labels(model, provider)
-        return child
+    def _unpriced_counter(self, model: str, provider: str) -> Callable[[float], None]:
+        inc = self._unpriced.get((model, provider))
+        if inc is None:
+            inc = self._unpriced[(model, provider)] = incrementer(metrics.UNPRICED.labels(model, provider))
+        return inc
 
     async def close(self) -> None:
         if self.ledger is not None:

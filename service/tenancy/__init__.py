@@ -18,13 +18,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from prometheus_client import Counter
 
 from gateway import metrics
 from gateway.call import CallInfo, new_request_id
 from gateway.config import ApiKeyConfig, Config
+from gateway.hotmetrics import incrementer
 from gateway.logs import get_logger
 from llm_gateway.v1 import chat_pb2
 
@@ -61,21 +62,21 @@ class KeyUse:
         self.name = key.name if key is not None else ""
         self.metadata: Mapping[str, str] = key.metadata if key is not None else {}
         self._model = model
-        self._outcomes: dict[int, Counter] = {}
+        self._outcomes: dict[int, Callable[[float], None]] = {}
         if key is not None:
-            self.prompt_tokens = metrics.KEY_TOKENS.labels(self.name, model, "prompt")
-            self.completion_tokens = metrics.KEY_TOKENS.labels(self.name, model, "completion")
+            self.prompt_tokens = incrementer(metrics.KEY_TOKENS.labels(self.name, model, "prompt"))
+            self.completion_tokens = incrementer(metrics.KEY_TOKENS.labels(self.name, model, "completion"))
 
     def finish(self, status: int, usage: chat_pb2.Usage | None, cost: int = 0) -> None:
         if not self.name:
             return
-        child = self._outcomes.get(status)
-        if child is None:  # a handful of statuses per pair, bound the first time each is seen
-            child = self._outcomes[status] = metrics.KEY_REQUESTS.labels(self.name, self._model, str(status))
-        child.inc()
+        inc = self._outcomes.get(status)
+        if inc is None:  # a handful of statuses per pair, bound the first time each is seen
+            inc = self._outcomes[status] = incrementer(metrics.KEY_REQUESTS.labels(self.name, self._model, str(status)))
+        inc(1.0)
         if usage is not None:
-            self.prompt_tokens.inc(usage.prompt_tokens)
-            self.completion_tokens.inc(usage.completion_tokens)
+            self.prompt_tokens(usage.prompt_tokens)
+            self.completion_tokens(usage.completion_tokens)
 
 
 class Admission:

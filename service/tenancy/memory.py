@@ -58,7 +58,7 @@ class MemoryState:
             new = start + cost * interval
             new_tats.append(new)
             ahead = new - now
-            levels.append(Level(limit, (WINDOW_MS - ahead) / interval, ahead))
+            levels.append((limit, (WINDOW_MS - ahead) / interval, ahead))
         for index, pool in enumerate(pools):
             limit = max(1, int(pool.limit * share))
             held = self._slots.get(pool.id)

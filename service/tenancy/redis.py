@@ -334,11 +334,11 @@ class RedisState:
             self._leases[lease] = pools
             if self._renewer is None:  # started with the first slot held, on the serving loop
                 self._renewer = asyncio.get_running_loop().create_task(self._renew_forever())
-        levels = []
+        levels: list[Level] = []
         for (bucket, _), debt in zip(charges, reply[1:], strict=True):
             reset = float(debt)
             interval = WINDOW_MS / bucket.limit
-            levels.append(Level(bucket.limit, (WINDOW_MS - reset) / interval, reset))
+            levels.append((bucket.limit, (WINDOW_MS - reset) / interval, reset))
         return Verdict(True, levels, state=self)
 
     def _bucket(self, bucket: Bucket) -> tuple[bytes, bytes]:

@@ -71,13 +71,9 @@ MISSING = -2
 UNCHECKED = -3
 
 
-@dataclass(slots=True)
-class Level:
-    """A bucket after an admission: the limit enforced, units left, milliseconds until it is full."""
-
-    limit: float
-    remaining: float
-    reset_ms: float
+# A bucket after an admission: (the limit enforced, units left, milliseconds until it is full). A plain
+# tuple: one is built per bucket per request, and a class instance costs several times as much.
+Level = tuple[float, float, float]
 
 
 @dataclass(slots=True)

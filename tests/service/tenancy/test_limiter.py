@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from service.tenancy import Tenancy
+from service.tenancy.limits import estimate_prompt_tokens
 from tests.service.tenancy.conftest import RedisServer
 from tests.service.tenancy.limiter import KEY, OTHER, Client, chat, config, finish
 
@@ -69,16 +70,17 @@ def test_tokens_are_reserved_then_settled_with_the_actual_usage(run: Run) -> Non
         record, error = await client.admit(chat(max_tokens=500))
         assert error is None
         reserved = await client.charged("key:alpha:tpm")
-        assert reserved >= 500  # the prompt's estimate plus max_tokens
+        assert reserved == estimate_prompt_tokens(chat(max_tokens=500)) + 500  # the prompt's estimate plus max_tokens
         finish(record, prompt=12, completion=30)
         assert await client.charged("key:alpha:tpm") == 42
         # max_completion_tokens wins over max_tokens; n multiplies the completion cap.
-        record, _ = await client.admit(chat(max_tokens=500, max_completion_tokens=100, n=3))
-        assert await client.charged("key:alpha:tpm") - 42 == reserved - 500 + 300
+        capped = chat(max_tokens=500, max_completion_tokens=100, n=3)
+        record, _ = await client.admit(capped)
+        assert await client.charged("key:alpha:tpm") - 42 == estimate_prompt_tokens(capped) + 300
         finish(record, prompt=10, completion=5)
         # Neither set: the configured default cap.
         record, _ = await client.admit(chat())
-        assert await client.charged("key:alpha:tpm") - 57 == reserved - 500 + 77
+        assert await client.charged("key:alpha:tpm") - 57 == estimate_prompt_tokens(chat()) + 77
         finish(record, prompt=1, completion=1)
         assert await client.charged("key:alpha:tpm") == 59
         # A call that ended without usage keeps the prompt's estimate only.
