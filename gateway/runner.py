@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import linecache
 import signal
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from . import logs, metrics
@@ -14,6 +16,14 @@ from .call import ChatBackend
 from .config import Config
 
 log = logs.get_logger("runner")
+
+# Modules that libraries we use import optionally and the gateway never uses: their import fails while the
+# service and the facade load, so no worker holds them (bench/profile-notes.md, round 2: memory).
+# - trustme: Sanic's maker of development TLS certificates, which loads the `cryptography` bindings
+#   (about 9 MB). A dev dependency here (tests), absent from the image: this makes the venv match it.
+# - opentelemetry.sdk.metrics: redis-py's metrics export (1.3 MB), live only once an application calls
+#   redis-py's observability init, which the gateway never does; its tracing uses opentelemetry.sdk.trace.
+UNUSED_OPTIONAL = ("trustme", "opentelemetry.sdk.metrics")
 
 
 async def serve(
@@ -40,17 +50,18 @@ async def serve(
     current = [config]
     try:
         if not srv.grpc_target:
-            from llm_gateway.v1 import chat_pb2
-            from service.admin.core import AdminCore
-            from service.admin.servicer import SERVICE as ADMIN_SERVICE
-            from service.admin.servicer import AdminServicer
-            from service.chat import ChatCore
-            from service.live import LiveCore
-            from service.server import SERVICE_NAME, start_grpc_server
+            with absent(UNUSED_OPTIONAL):  # the core's start-up may import what its config needs (redis-py)
+                from llm_gateway.v1 import chat_pb2
+                from service.admin.core import AdminCore
+                from service.admin.servicer import SERVICE as ADMIN_SERVICE
+                from service.admin.servicer import AdminServicer
+                from service.chat import ChatCore
+                from service.live import LiveCore
+                from service.server import SERVICE_NAME, start_grpc_server
 
-            from .inprocess import InProcessBackend
+                from .inprocess import InProcessBackend
 
-            core = ChatCore(config)
+                core = ChatCore(config)
             admin = AdminCore(lambda: live.core if live is not None else core)  # the core in force
             others = [(AdminServicer(admin), ADMIN_SERVICE)]
             grpc_server = await start_grpc_server(core, f"{srv.host}:{srv.grpc_port}", others)
@@ -79,6 +90,9 @@ async def serve(
             loop.add_signal_handler(signal.SIGHUP, reloader.on_signal)
             if srv.watch_config:
                 watcher = asyncio.create_task(reloader.watch(stop))
+        # Sanic's start-up touch-up read the source of its modules (inspect.getsource): 0.3 MB of lines
+        # that only a traceback would want, and it reads them again by itself.
+        linecache.clearcache()
         # Start-up objects (modules, descriptors, codec tables) never die: keep them out of every later
         # GC pass. Full collections then scan only request garbage (p99 at c=32: 28 -> 13 ms, unary).
         gc.collect()
@@ -141,7 +155,24 @@ def _listen(reloads: Any, apply: Callable[[Config], bool]) -> None:
 
 async def _start_rest(config: Config, backend: ChatBackend | None) -> Any:
     try:
-        from rest_facade.server import start_rest_server  # type: ignore[import-not-found,unused-ignore]
+        with absent(UNUSED_OPTIONAL):
+            from rest_facade.server import start_rest_server  # type: ignore[import-not-found,unused-ignore]
     except ImportError:  # the facade is not built yet
         return None
     return await start_rest_server(config, backend)
+
+
+@contextlib.contextmanager
+def absent(names: tuple[str, ...]) -> Iterator[None]:
+    """Within the block, importing one of `names` raises ImportError, as if it were not installed (None in
+    sys.modules); a module that is imported already stays as it is. Modules that import one of them
+    optionally (try/except ImportError) and load within the block go without it for good."""
+    blocked = [name for name in names if name not in sys.modules]
+    for name in blocked:
+        sys.modules[name] = None  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        for name in blocked:
+            if name in sys.modules and sys.modules[name] is None:
+                del sys.modules[name]
