@@ -2,7 +2,9 @@
 
 The spec is package data (`rest_facade/openapi.yaml`, a link to the repository's `openapi.yaml`, copied into
 the wheel). Swagger UI's assets come from the installed `swagger-ui-bundle` package, so the UI works offline.
-Everything is read once, when the routes are added; a request only picks bytes from a dict.
+The spec and the page are read when the routes are added. Swagger UI's assets (about 1.4 MB, and the
+package's import of importlib_resources) are read on the first request for one, then kept: a worker whose
+docs nobody opens never holds them. A request after that only picks bytes from a dict.
 
 Asset and spec URLs in the page are relative (`./swagger-ui.css`, `../openapi.yaml`), so the UI also works
 behind a proxy that mounts the gateway under a path prefix; `/swagger` redirects to `/swagger/` for that.
@@ -17,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 from sanic import HTTPResponse, Request, Sanic
-from swagger_ui_bundle import swagger_ui_path  # type: ignore[import-untyped]
 
 from gateway.errors import NotFoundError
 
@@ -84,18 +85,21 @@ def spec_bytes() -> bytes:
 
 
 def _load() -> dict[str, _File]:
-    """Every file the docs serve, by the path it is served at."""
-    bundle = Path(str(swagger_ui_path))
-    files = {
+    """The files the docs serve from the start (not Swagger UI's assets), by the path each is served at."""
+    return {
         SPEC_PATH: _File(spec_bytes(), SPEC_CONTENT_TYPE, _NO_CACHE),
         SWAGGER_PATH: _File(_INDEX.format(title=html.escape(TITLE)).encode(), "text/html; charset=utf-8", _NO_CACHE),
         SWAGGER_PATH + "swagger-initializer.js": _File(
             _INITIALIZER.encode(), "text/javascript; charset=utf-8", _NO_CACHE
         ),
     }
-    for name, content_type in _ASSETS.items():
-        files[SWAGGER_PATH + name] = _File((bundle / name).read_bytes(), content_type, _CACHE_ASSET)
-    return files
+
+
+def _load_asset(name: str) -> _File:
+    """One of Swagger UI's assets (a name of _ASSETS), from the installed bundle."""
+    from swagger_ui_bundle import swagger_ui_path  # type: ignore[import-untyped]
+
+    return _File((Path(str(swagger_ui_path)) / name).read_bytes(), _ASSETS[name], _CACHE_ASSET)
 
 
 def add_docs_routes(app: Sanic[Any, Any]) -> None:
@@ -105,7 +109,10 @@ def add_docs_routes(app: Sanic[Any, Any]) -> None:
     def respond(request: Request, path: str) -> HTTPResponse:
         found = files.get(path)
         if found is None:
-            raise NotFoundError(f"Invalid URL ({request.method} {request.path}).")
+            name = path.removeprefix(SWAGGER_PATH)
+            if name == path or name not in _ASSETS:
+                raise NotFoundError(f"Invalid URL ({request.method} {request.path}).")
+            found = files[path] = _load_asset(name)  # the first request for it: read once, then kept
         headers = {**found.headers, REQUEST_ID: request_id(request.headers)}
         return HTTPResponse(found.body, headers=headers, content_type=found.content_type)
 
