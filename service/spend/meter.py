@@ -86,11 +86,12 @@ class SpendMeter:
         if usage is not None:
             prompt, completion = usage.prompt_tokens, usage.completion_tokens
             cached = cached_tokens(usage)
-            price = self.price(record)
+            price = self.prices.get((record.served_by, record.deployment))
             if price is None:
                 self._unpriced_counter(route.model, route.provider)(1.0)
             else:
-                written = cache_write_tokens(usage) if usage.extra else 0
+                # Without a price of its own a cache write costs as input: its count is not needed.
+                written = cache_write_tokens(usage) if price.cache_write is not None and usage.extra else 0
                 cost = record.cost = price.cost(prompt, cached, completion, written)
                 self._cost_counter(route.model, route.provider, key, team)(cost / MICRO)
                 if status == 200:
@@ -98,25 +99,28 @@ class SpendMeter:
         ledger = self.ledger
         if ledger is not None:
             ledger.add(
-                UsageRecord(
-                    time.time() - elapsed,
-                    record.request_id,
-                    record.attempts,
-                    "embedding" if record.kind == "embedding" else "chat",
-                    key,
-                    team,
-                    record.model,
-                    record.served_by,
-                    route.provider,
-                    record.deployment,
-                    prompt,
-                    cached,
-                    completion,
-                    record.usage_estimated,
-                    cost,
-                    elapsed * 1000.0,
-                    status,
-                    record.stream,
+                _record(  # the fields in UsageRecord's order
+                    UsageRecord,
+                    (
+                        time.time() - elapsed,
+                        record.request_id,
+                        record.attempts,
+                        "embedding" if record.kind == "embedding" else "chat",
+                        key,
+                        team,
+                        record.model,
+                        record.served_by,
+                        route.provider,
+                        record.deployment,
+                        prompt,
+                        cached,
+                        completion,
+                        record.usage_estimated,
+                        cost,
+                        elapsed * 1000.0,
+                        status,
+                        record.stream,
+                    ),
                 )
             )
 
@@ -141,6 +145,9 @@ class SpendMeter:
 def _caller(record: RequestRecord) -> tuple[str, str]:
     """The gateway key's name and its team (`metadata.team`), or ("none", "") when auth is off."""
     tenant = record.tenant
-    if tenant is None or not tenant.name:
-        return NO_KEY, ""
-    return tenant.name, tenant.metadata.get("team", "")
+    return _NOBODY if tenant is None else tenant.caller
+
+
+_NOBODY = (NO_KEY, "")
+# A record built as the tuple it is: the named tuple's own __new__ is a Python call taking 18 arguments.
+_record: Callable[[type[UsageRecord], tuple[object, ...]], UsageRecord] = tuple.__new__  # type: ignore[assignment]

@@ -43,6 +43,8 @@ class Price:
     def cost(self, prompt: int, cached: int, completion: int, written: int = 0) -> int:
         """Micro-dollars for one request's usage; `cached` (read from the provider's cache) and `written`
         (written to it) are parts of `prompt`."""
+        if not cached and not written:  # most requests
+            return _round_half_even(prompt * self.input + completion * self.output, PER)
         cached = min(max(cached, 0), prompt)
         written = min(max(written, 0), prompt - cached)
         write_price = self.input if self.cache_write is None else self.cache_write

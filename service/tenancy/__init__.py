@@ -30,6 +30,7 @@ from gateway.logs import get_logger
 from llm_gateway.v1 import chat_pb2
 
 from ..accounting import RequestRecord
+from ..spend.meter import NO_KEY
 from .budgets import Budget, BudgetBook, refusal, unchecked
 from .failover import FailoverState
 from .keys import KeyRing, model_not_found
@@ -56,11 +57,13 @@ log = get_logger("tenancy")
 class KeyUse:
     """One key's use of one model: its name and labels for the access log, its metric children."""
 
-    __slots__ = ("_model", "_outcomes", "completion_tokens", "metadata", "name", "prompt_tokens")
+    __slots__ = ("_model", "_outcomes", "caller", "completion_tokens", "metadata", "name", "prompt_tokens")
 
     def __init__(self, key: ApiKeyConfig | None, model: str) -> None:
         self.name = key.name if key is not None else ""
         self.metadata: Mapping[str, str] = key.metadata if key is not None else {}
+        # The ledger's and the cost metric's (key, team): "none" without a key (auth off).
+        self.caller = (self.name or NO_KEY, self.metadata.get("team", ""))
         self._model = model
         self._outcomes: dict[int, Callable[[float], None]] = {}
         if key is not None:
@@ -82,7 +85,7 @@ class KeyUse:
 class Admission:
     """A request that passed its limits: what it holds until it is finished."""
 
-    __slots__ = ("_budgets", "_done", "_lease", "_prompt", "_reserved", "_scopes", "_state", "use")
+    __slots__ = ("_budgets", "_done", "_lease", "_prompt", "_reserved", "_scopes", "_state", "caller", "use")
 
     def __init__(
         self,
@@ -95,6 +98,7 @@ class Admission:
         budgets: Sequence[tuple[BudgetCounter, int]] = (),
     ) -> None:
         self.use = use
+        self.caller = use.caller
         self._scopes = scopes
         self._state = state
         self._reserved = reserved
