@@ -13,9 +13,6 @@ import contextlib
 import dataclasses
 from typing import Any
 
-import redis.asyncio
-import redis.exceptions
-
 from gateway.config import ApiKeyConfig, Config, ConfigError, parse_api_key
 from gateway.logs import get_logger
 
@@ -46,6 +43,13 @@ class KeySync:
         self._skipped: set[str] = set()
         self._failing = False  # the store could not be read at the last look (logged once per outage)
         self._redis_url = config.state.redis_url
+        self._redis: Any = None  # redis.asyncio, imported only where Redis is configured (redis-py: ~5 MB a worker)
+        self._redis_errors: tuple[type[BaseException], ...] = (OSError,)
+        if self._redis_url:
+            import redis.asyncio
+            import redis.exceptions
+
+            self._redis, self._redis_errors = redis.asyncio, (redis.exceptions.RedisError, OSError)
         self._publisher: Any = None
         self._lock = asyncio.Lock()
         self._task = asyncio.get_running_loop().create_task(self._run(), name="key-sync")
@@ -81,9 +85,9 @@ class KeySync:
         if self._redis_url:
             try:
                 if self._publisher is None:
-                    self._publisher = redis.asyncio.Redis.from_url(self._redis_url, socket_timeout=1.0)
+                    self._publisher = self._redis.Redis.from_url(self._redis_url, socket_timeout=1.0)
                 await self._publisher.publish(CHANNEL, b"changed")
-            except (redis.exceptions.RedisError, OSError) as exc:  # the others poll
+            except self._redis_errors as exc:  # the others poll
                 log.warning("key change not published; replicas see it at their next poll", error=type(exc).__name__)
 
     async def _refresh_or_keep(self) -> None:
@@ -102,13 +106,13 @@ class KeySync:
         while True:
             await self._refresh_or_keep()
             if self._redis_url:
-                with contextlib.suppress(redis.exceptions.RedisError, OSError):
+                with contextlib.suppress(*self._redis_errors):
                     await self._listen()
             await asyncio.sleep(POLL_INTERVAL)
 
     async def _listen(self) -> None:
         """Refresh on every message; returns when the subscription fails (Redis away)."""
-        client: Any = redis.asyncio.Redis.from_url(self._redis_url, socket_connect_timeout=1.0)
+        client: Any = self._redis.Redis.from_url(self._redis_url, socket_connect_timeout=1.0)
         try:
             async with client.pubsub(ignore_subscribe_messages=True) as pubsub:
                 await pubsub.subscribe(CHANNEL)
