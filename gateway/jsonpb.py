@@ -24,6 +24,8 @@ from google.protobuf.message import Message
 
 from llm_gateway.v1 import chat_pb2
 
+from . import codec_gen
+
 M = TypeVar("M", bound=Message)
 
 _RAW_JSON = chat_pb2.raw_json
@@ -67,6 +69,10 @@ def _type_error(key: str, expected: str, value: Any) -> JsonMappingError:
     return JsonMappingError(f"Invalid type for '{{param}}': expected {expected}, but got {got}.", key)
 
 
+def _out_of_range(value: Any, key: str) -> JsonMappingError:
+    return JsonMappingError(f"Invalid value for '{{param}}': {value} is out of range.", key)
+
+
 def _dumps_raw(value: Any) -> str:
     return orjson.dumps(value).decode()
 
@@ -97,6 +103,9 @@ class MessageCodec(Generic[M]):
         self._encoders: dict[FieldDescriptor, tuple[str, Encoder | None]] = {}
         self._repeated: frozenset[str] = frozenset()
         self._extra: str | None = None
+        # The generated functions (gateway/codec_gen.py), set by _build().
+        self.decode_into: Decoder = self.decode_into_generic
+        self.encode: Callable[[Message], dict[str, Any]] = self.encode_generic
 
     # ------------------------------------------------------------------ public
 
@@ -118,7 +127,9 @@ class MessageCodec(Generic[M]):
         self.decode_into(message, obj)
         return message  # type: ignore[return-value]
 
-    def decode_into(self, message: Message, obj: dict[str, Any]) -> None:
+    def decode_into_generic(self, message: Message, obj: dict[str, Any]) -> None:
+        """What the generated `decode_into` does, one table lookup and call per key: the reference
+        the tests hold the generated code to."""
         decoders = self._decoders
         extra = None  # the message's extra map, looked up once it is needed (chunks carry 2-3 nulls each)
         for key, value in obj.items():
@@ -133,7 +144,8 @@ class MessageCodec(Generic[M]):
             else:
                 decoder(message, value)
 
-    def encode(self, message: Message) -> dict[str, Any]:
+    def encode_generic(self, message: Message) -> dict[str, Any]:
+        """What the generated `encode` does, by table: the reference for the tests."""
         out: dict[str, Any] = {}
         encoders = self._encoders
         extra = None
@@ -182,6 +194,53 @@ class MessageCodec(Generic[M]):
             self._decoders[field.name] = self._field_decoder(field)
             self._encoders[field] = (field.name, self._field_encoder(field))
         self._repeated = frozenset(repeated)
+        self._compile(variants)
+
+    def _compile(self, variants: set[str]) -> None:
+        """The generated decode_into and encode (gateway/codec_gen.py), from the tables just built."""
+        plan: list[codec_gen.DecodeField] = []
+        for field in self.descriptor.fields:
+            container = field.containing_oneof
+            key = container.name if container is not None and container.name in variants else field.name
+            if key not in self._decoders or any(spec.key == key for spec in plan):
+                continue
+            kind, target = self._decode_kind(field) if key == field.name else (codec_gen.CALL, None)
+            target = self._decoders[key] if target is None else target
+            plan.append(codec_gen.DecodeField(key, kind, key in self._repeated, target))
+        where = f"<jsonpb {self.descriptor.full_name}>"
+        namespace = dict(_GENERATED_GLOBALS)
+        source = codec_gen.decoder_source(plan, self._extra, namespace)
+        self.decode_into = codec_gen.compile_function(source, "decode_into", namespace, where)
+        fields: list[codec_gen.EncodeField] = []
+        for field, (key, encoder) in self._encoders.items():
+            sub, repeated = None, False
+            container = field.containing_oneof
+            in_variant = container is not None and container.name in variants
+            message_type = field.message_type
+            inline = message_type is not None and not _option(message_type.GetOptions(), _JSON_ARRAY)
+            if key and not in_variant and inline and message_type is not None:
+                sub = MessageCodec._for_descriptor(message_type, _message_class(field))
+                repeated = _is_repeated(field)
+            fields.append(codec_gen.EncodeField(field, key, encoder, sub, repeated))
+        namespace = dict(_GENERATED_GLOBALS)
+        source = codec_gen.encoder_source(fields, namespace)
+        self.encode = codec_gen.compile_function(source, "encode", namespace, where)
+
+    def _decode_kind(self, field: FieldDescriptor) -> tuple[str, Any]:
+        """How the generated decoder handles a field: inline (with its sub-codec), or by its closure (None)."""
+        if field.message_type is not None:
+            if _option(field.message_type.GetOptions(), _JSON_ARRAY):
+                return codec_gen.CALL, None
+            sub = MessageCodec._for_descriptor(field.message_type, _message_class(field))
+            return (codec_gen.MESSAGES if _is_repeated(field) else codec_gen.MESSAGE), sub
+        if _option(field.GetOptions(), _RAW_JSON):
+            return codec_gen.RAW, None
+        if _is_repeated(field) or field.type == FieldDescriptor.TYPE_BYTES:
+            return codec_gen.CALL, None
+        if field.type == FieldDescriptor.TYPE_STRING:
+            return codec_gen.STRING, None
+        kind = _INLINE_KINDS.get(_SCALAR_CHECKS[field.type][0])
+        return (codec_gen.CALL, None) if kind is None else (kind, None)
 
     def _field_decoder(self, field: FieldDescriptor) -> Decoder:
         name = field.name
@@ -262,7 +321,7 @@ class MessageCodec(Generic[M]):
             try:
                 setattr(message, name, value)
             except ValueError:
-                raise JsonMappingError(f"Invalid value for '{{param}}': {value} is out of range.", name) from None
+                raise _out_of_range(value, name) from None
 
         return decode_scalar
 
@@ -468,4 +527,18 @@ _SCALAR_CHECKS: dict[int, tuple[Callable[[Any], bool], str]] = {
     FieldDescriptor.TYPE_STRING: (_is_str, "a string"),
     FieldDescriptor.TYPE_BOOL: (_is_bool, "a boolean"),
     FieldDescriptor.TYPE_BYTES: (_is_str, "a base64 string"),
+}
+
+_INLINE_KINDS: dict[Callable[[Any], bool], str] = {
+    _is_int: codec_gen.INT,
+    _is_number: codec_gen.NUMBER,
+    _is_bool: codec_gen.BOOL,
+}
+# What the generated functions refer to by name.
+_GENERATED_GLOBALS: dict[str, Any] = {
+    "_type_error": _type_error,
+    "JsonMappingError": JsonMappingError,
+    "_dumps_raw": _dumps_raw,
+    "_out_of_range": _out_of_range,
+    "_fragment": orjson.Fragment,
 }
