@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gateway import metrics, tracing
 from gateway.call import CallInfo
@@ -36,7 +36,9 @@ from .router import Router
 from .spans import RequestSpans
 from .spend import SpendMeter
 from .tenancy import Tenancy
-from .tenancy.cooldown import CooldownSync
+
+if TYPE_CHECKING:
+    from .tenancy.cooldown import CooldownSync
 
 Batches = AsyncIterator[list[chat_pb2.ChatCompletionChunk]]
 MAX_CHOICES = 128  # OpenAI's limit on `n`
@@ -52,7 +54,7 @@ class ChatCore:
         # Calls being served; a core that a config reload replaced is closed once this is 0 (service/live.py).
         self.in_flight = 0
         self.tenancy = Tenancy.build(config)
-        self.cooldowns = CooldownSync.build(config, self.router.deployments())  # shared with Redis, if any
+        self.cooldowns = _cooldown_sync(config, self.router)  # shared with Redis, if any
         self.spend = SpendMeter(config, writer_for(config.usage))  # prices resolved once; the ledger's writer
         if self.tenancy is not None:
             self.tenancy.book.writer = self.spend.ledger  # budgets seed from the ledger, unwritten records too
@@ -424,3 +426,11 @@ class _Pump:
     async def aclose(self) -> None:
         self._task.cancel()
         await asyncio.gather(self._task, return_exceptions=True)
+
+
+def _cooldown_sync(config: Config, router: Router) -> CooldownSync | None:
+    if not config.state.redis_url:
+        return None
+    from .tenancy.cooldown import CooldownSync  # redis-py: imported only where the state lives in Redis
+
+    return CooldownSync.build(config, router.deployments())

@@ -46,7 +46,6 @@ from .limits import (
 )
 from .limits import too_large as too_large_error
 from .memory import MemoryState
-from .redis import RedisState
 from .state import MISSING, UNCHECKED, Bucket, BudgetCounter, LimitState
 
 __all__ = ["Admission", "KeyUse", "Tenancy", "Tenant"]
@@ -370,6 +369,8 @@ def _state(config: Config) -> LimitState:
     if config.state.redis_url:
         # A budget reservation outlives any call (the deadline caps them), then lapses: a dead replica's go.
         hold = config.server.request_timeout + 60.0
+        from .redis import RedisState  # redis-py: imported only where the state lives in Redis
+
         primary = RedisState(config.state.redis_url, config.state.timeout, config.state.slot_lease, hold)
         return FailoverState(primary, MemoryState(share), deny_budgets=config.budgets.when_state_down == "deny")
     return MemoryState(share)

@@ -15,13 +15,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING
 
 from gateway import metrics
 from gateway.logs import get_logger
 
 from .memory import MemoryState
-from .redis import RedisState
 from .state import UNCHECKED, BudgetCounter, Budgets, Charges, SlotPool, StateUnavailable, Verdict
+
+if TYPE_CHECKING:
+    from .redis import RedisState
 
 log = get_logger("tenancy")
 
