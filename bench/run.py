@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -24,6 +25,10 @@ Target = Callable[[int, float], LoadResult]  # (concurrency, seconds) -> result
 
 PATHS = ("floor", "proxy-floor", "grpc-floor", "rest-inproc", "rest-separate", "grpc-direct", *features.FEATURES)
 PEERS = ("litellm", "portkey")
+# The feature scenarios whose budgets are differences to rest-inproc, measured again side by side (paired).
+PAIRED = ("rest-keys", "rest-keys-redis", "rest-full", "rest-full-redis")
+PAIRED_ROUNDS = 8
+PAIRED_SLICE_S = 1.5
 
 
 @dataclass
@@ -348,9 +353,78 @@ class Bench:
                 except Exception as exc:  # reported in the results; the rest of the bench still runs
                     self.results.failures[feature] = f"{type(exc).__name__}: {str(exc)[-500:]}"
                     self.log(f"{feature} failed: {exc}")
+            budgeted = [f for f in PAIRED if f in wanted]
+            if budgeted and "rest-inproc" in self.o.paths and "unary" in self.o.kinds and not self.o.smoke:
+                try:
+                    self.paired(nginx, budgeted, redis)
+                except Exception as exc:
+                    self.results.failures["paired"] = f"{type(exc).__name__}: {str(exc)[-500:]}"
+                    self.log(f"paired pass failed: {exc}")
         finally:
             if redis is not None:
                 redis.stop()
+
+    def paired(self, nginx: Nginx, wanted: list[str], redis: features.Redis | None) -> None:
+        """The per-feature budgets (a few hundredths of a millisecond) are differences of two CPU figures,
+        and on a shared 2-core machine one scenario run a minute after another can read 30% apart. Here
+        rest-inproc and each feature's gateway run side by side, idle but for the one under load, and take
+        turns: PAIRED_ROUNDS rounds of one slice each, in a rotated order, CPU and requests summed per
+        path. Drift of the machine lands on all of them alike. Rows: run 3, unary, top concurrency."""
+        upstream = {kind: nginx.url(kind) for kind in ("unary", "stream")}
+        base = systems.gateway_config(upstream, "WARNING")
+        redis_url = redis.url if redis is not None else ""
+        redis_pid = redis.process.pid if redis is not None and redis.process is not None else None
+        started: list[systems.Proc] = []
+        try:
+            turns: list[tuple[str, Target, dict[str, int]]] = []
+            for path in ("rest-inproc", *wanted):
+                if path in features.REDIS_FEATURES and not redis_url:
+                    continue
+                config = base
+                if path != "rest-inproc":
+                    config = features.config(path, base, nginx.base, self.workdir, redis_url)
+                proc, rest, _ = systems.start_gateway(f"paired-{path}", self.workdir, config, 1)
+                started.append(proc)
+                url = f"http://127.0.0.1:{rest}/v1/chat/completions"
+                auth = features.authorization(path)
+                check_rest(url, "unary", auth)
+                groups = {"gateway": proc.pid}
+                if redis_pid and path.endswith("-redis"):
+                    groups["redis"] = redis_pid
+                turns.append((path, _rest_target(url, "unary", self.workdir, auth), groups))
+            top = max(self.o.concurrency)
+            for _, target, _ in turns:
+                target(top, max(self.o.warmup, 0.5))
+            cpu = {path: dict.fromkeys(groups, 0.0) for path, _, groups in turns}
+            done: dict[str, list[LoadResult]] = {path: [] for path, _, _ in turns}
+            for round_ in range(PAIRED_ROUNDS):
+                shift = round_ % len(turns)
+                for path, target, groups in turns[shift:] + turns[:shift]:
+                    before = {name: CpuSample.take([pid]) for name, pid in groups.items()}
+                    done[path].append(target(top, PAIRED_SLICE_S))
+                    for name, pid in groups.items():
+                        cpu[path][name] += CpuSample.take([pid]).since(before[name])
+            for path, _, _ in turns:
+                results = done[path]
+                requests = sum(r.requests for r in results)
+                seconds = sum(r.seconds for r in results)
+                load = LoadResult(
+                    requests,
+                    sum(r.errors for r in results),
+                    seconds,
+                    requests / seconds if seconds else 0.0,
+                    statistics.median(r.p50_ms for r in results),
+                    statistics.median(r.p90_ms for r in results),
+                    statistics.median(r.p99_ms for r in results),
+                    sum(r.client_cpu_s for r in results),
+                )
+                split = {name: round(spent * 1000 / max(1, requests), 4) for name, spent in cpu[path].items()}
+                row = Row(path, 1, "unary", top, load, round(sum(split.values()), 4), split, run=3, note="paired")
+                self.results.rows.append(row)
+                self.log(f"{path:<16} paired unary c={top}: {load.rps:>9.1f} req/s  {row.cpu_ms:.3f} ms CPU/req")
+        finally:
+            for proc in started:
+                proc.stop()
 
     def run_litellm(self, upstream: dict[str, str]) -> None:
         problem = systems.litellm_status()
