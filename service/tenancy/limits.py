@@ -139,8 +139,7 @@ def headers(levels: Sequence[Level], requests: int, out: dict[str, str]) -> None
     if requests:
         _put(out, _REQUESTS, levels[0] if requests == 1 else min(levels[:requests], key=_remaining))
     if len(levels) > requests:
-        tokens = levels[requests:]
-        _put(out, _TOKENS, tokens[0] if len(tokens) == 1 else min(tokens, key=_remaining))
+        _put(out, _TOKENS, levels[requests] if len(levels) == requests + 1 else min(levels[requests:], key=_remaining))
 
 
 _REQUESTS, _TOKENS = _HEADER_NAMES["requests"], _HEADER_NAMES["tokens"]
@@ -154,12 +153,10 @@ def _put(out: dict[str, str], names: tuple[str, str, str], tight: Level) -> None
         if len(_LIMIT_TEXT) > 1024:  # limits of configs reloaded many times over
             _LIMIT_TEXT.clear()
         text = _LIMIT_TEXT[limit] = str(int(limit))
-    name_limit, name_remaining, name_reset = names
-    out[name_limit] = text
-    left = remaining + 1e-9
-    out[name_remaining] = str(int(left)) if left > 0 else "0"  # int() is floor for positives
+    out[names[0]] = text
+    out[names[1]] = str(int(remaining + 1e-9)) if remaining > -1e-9 else "0"  # int() is floor for positives
     whole = math.ceil(reset_ms - 1e-9)
-    out[name_reset] = _MS_TEXT[whole] if 0 <= whole < 1000 else go_duration(reset_ms)  # most resets: no call
+    out[names[2]] = _MS_TEXT[whole] if 0 <= whole < 1000 else go_duration(reset_ms)  # most resets: no call
 
 
 def _remaining(level: Level) -> float:
