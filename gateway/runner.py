@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-import linecache
 import signal
 import sys
 from collections.abc import Callable, Iterator
@@ -90,9 +89,6 @@ async def serve(
             loop.add_signal_handler(signal.SIGHUP, reloader.on_signal)
             if srv.watch_config:
                 watcher = asyncio.create_task(reloader.watch(stop))
-        # Sanic's start-up touch-up read the source of its modules (inspect.getsource): 0.3 MB of lines
-        # that only a traceback would want, and it reads them again by itself.
-        linecache.clearcache()
         # Start-up objects (modules, descriptors, codec tables) never die: keep them out of every later
         # GC pass. Full collections then scan only request garbage (p99 at c=32: 28 -> 13 ms, unary).
         gc.collect()
