@@ -30,7 +30,7 @@ from . import features, load, systems
 from .procs import free_port, wait_port
 from .upstream import Nginx
 
-PATHS = ("rest-inproc", "rest-keys", "rest-keys-redis", "rest-full", "rest-full-redis", "rest-anthropic")
+PATHS = ("rest-inproc", "rest-keys", "rest-keys-redis", "rest-full", "rest-full-redis", "rest-anthropic", "grpc-direct")
 
 
 def _control(*args: str) -> str:
@@ -50,6 +50,28 @@ def _requests(port: int, body: bytes, authorization: str, count: int) -> None:
     connection.close()
 
 
+def _grpc_requests(port: int, kind: str, count: int) -> None:
+    """`count` sequential calls over one channel: StreamChatCompletion read to its end for streams."""
+    import grpc
+
+    from llm_gateway.v1 import chat_pb2, chat_pb2_grpc
+
+    request = chat_pb2.CreateChatCompletionRequest(
+        model=f"bench-{kind}", messages=[chat_pb2.ChatMessage(role="user", content_text="Say hello.")]
+    )
+    if kind == "stream":
+        request.stream = True
+        request.stream_options.include_usage = True
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = chat_pb2_grpc.ChatServiceStub(channel)  # type: ignore[no-untyped-call]
+        for _ in range(count):
+            if kind == "stream":
+                for _chunk in stub.StreamChatCompletion(request, timeout=120):
+                    pass
+            else:
+                stub.CreateChatCompletion(request, timeout=120)
+
+
 def measure(path: str, kind: str, requests: int, warmup: int, workdir: Path) -> int:
     """Instructions for `requests` requests of `kind` on `path` (all threads of the gateway process)."""
     nginx = Nginx(workdir / f"nginx-{path}-{kind}", free_port(), None).start()
@@ -57,7 +79,7 @@ def measure(path: str, kind: str, requests: int, warmup: int, workdir: Path) -> 
     try:
         config = systems.gateway_config({k: nginx.url(k) for k in ("unary", "stream")}, "WARNING")
         authorization = ""
-        if path != "rest-inproc":
+        if path not in ("rest-inproc", "grpc-direct"):
             if path in features.REDIS_FEATURES:
                 redis = features.Redis(workdir, None).start()
             config = features.config(path, config, nginx.base, workdir, redis.url if redis else "")
@@ -79,16 +101,26 @@ def measure(path: str, kind: str, requests: int, warmup: int, workdir: Path) -> 
             "--workers",
             "1",
         ]
-        env = systems.bench_env({"SERVER_PORT": str(port), "GRPC_PORT": str(free_port())})
+        grpc_port = free_port()
+        if path == "grpc-direct":  # the service alone; calls from a Python gRPC client
+            cmd.append("--grpc-only")
+        env = systems.bench_env({"SERVER_PORT": str(port), "GRPC_PORT": str(grpc_port)})
         log = workdir / f"{path}-{kind}.log"
         with log.open("ab") as sink:
             proc = subprocess.Popen(cmd, cwd=systems.ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT)
         try:
-            wait_port(port, proc, log, 600)
             body = load.request_body(f"bench-{kind}", kind == "stream")
-            _requests(port, body, authorization, warmup)
+
+            def send(count: int) -> None:
+                if path == "grpc-direct":
+                    _grpc_requests(grpc_port, kind, count)
+                else:
+                    _requests(port, body, authorization, count)
+
+            wait_port(grpc_port if path == "grpc-direct" else port, proc, log, 600)
+            send(warmup)
             _control("-i", "on", str(proc.pid))
-            _requests(port, body, authorization, requests)
+            send(requests)
             time.sleep(0.5)  # the ledger thread's write of the last records falls inside the window
             _control("-i", "off", str(proc.pid))
             _control("-d", str(proc.pid))
