@@ -192,3 +192,71 @@ def compile_function(source: str, name: str, namespace: dict[str, Any], filename
     exec(compile(source, filename, "exec"), namespace)  # our own generated source
     function: Callable[..., Any] = namespace[name]
     return function
+
+
+@dataclass(frozen=True)
+class CanonField:
+    key: str
+    kind: str  # STRING, INT, BOOL, RAW as they are; NUMBER as a float; MESSAGE(S) by `sub`; CALL not at all
+    repeated: bool
+    sub: Any = None
+
+
+def canon_source(fields: Sequence[CanonField], namespace: dict[str, Any]) -> str:
+    """`canon(obj)`: the JSON-ready dict that `encode(decode(obj))` gives, built from the decoded
+    document itself (already checked by the decoder), or None where that takes the message.
+
+    `fields` come in ListFields() order (field numbers); the keys the extra map took follow in that
+    map's iteration order, which `extra_order` knows."""
+    lines = ["def canon(obj):", "    out = {}", "    get = obj.get"]
+    for i, spec in enumerate(fields):
+        key, kind = spec.key, spec.kind
+        lines.append(f"    value = get({key!r})")
+        if kind == CALL:
+            # Arrays of arrays, oneofs, bytes, repeated scalars, floats: left to encode().
+            test = "type(value) is not list or value" if spec.repeated else "True"
+            lines += ["    if value is not None:", f"        if {test}:", "            return None"]
+            continue
+        if spec.repeated:  # an empty array is the extra map's
+            lines.append("    if value:")
+        else:
+            lines.append("    if value is not None:")
+        if kind in (STRING, INT, BOOL, RAW):
+            lines.append(f"        out[{key!r}] = value")
+        elif kind == NUMBER:
+            lines.append(f"        out[{key!r}] = float(value)")  # a double field reads back as a float
+        elif kind == MESSAGE:
+            namespace[f"c{i}"] = spec.sub
+            lines += [
+                f"        value = c{i}.canon(value)",
+                "        if value is None:",
+                "            return None",
+                f"        out[{key!r}] = value",
+            ]
+        else:
+            namespace[f"c{i}"] = spec.sub
+            lines += [
+                f"        canon = c{i}.canon",
+                "        items = []",
+                "        for item in value:",
+                "            item = canon(item)",
+                "            if item is None:",
+                "                return None",
+                "            items.append(item)",
+                f"        out[{key!r}] = items",
+            ]
+    lines += [
+        "    if len(out) < len(obj):  # nulls, unknown keys, empty arrays: the extra map's",
+        "        keys = []",  # a loop, not a comprehension: no function object per call on 3.11
+        "        for key in obj:",
+        "            if key not in out:",
+        "                keys.append(key)",
+        "        if len(keys) == 1:",
+        "            key = keys[0]",
+        "            out[key] = obj[key]",
+        "        else:",
+        "            for key in extra_order(tuple(keys)):",
+        "                out[key] = obj[key]",
+        "    return out",
+    ]
+    return "\n".join(lines) + "\n"

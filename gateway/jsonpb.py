@@ -34,6 +34,8 @@ _JSON_VARIANT = chat_pb2.json_variant
 _JSON_ARRAY = chat_pb2.json_array
 
 _NULL = "null"
+_KEPT = 1024  # documents kept for dumps(); a REST call dumps its own within one batch of being decoded
+_ORDERS = 1024  # sequences of extra keys whose map order is kept
 _EMPTY_LIST = "[]"
 
 Decoder = Callable[[Message, Any], None]
@@ -106,6 +108,12 @@ class MessageCodec(Generic[M]):
         # The generated functions (gateway/codec_gen.py), set by _build().
         self.decode_into: Decoder = self.decode_into_generic
         self.encode: Callable[[Message], dict[str, Any]] = self.encode_generic
+        self.canon: Callable[[dict[str, Any]], dict[str, Any] | None] = lambda obj: None
+        # The extra map's iteration order for each sequence of keys inserted into a fresh one.
+        self._orders: dict[tuple[str, ...], tuple[str, ...]] = {}
+        # Messages from decode_kept() by id: (message, its wire form then, the document). None until
+        # this process first dumps the type, so a process that never writes it as JSON keeps nothing.
+        self._kept: dict[int, tuple[Message, bytes, dict[str, Any]]] | None = None
 
     # ------------------------------------------------------------------ public
 
@@ -125,6 +133,18 @@ class MessageCodec(Generic[M]):
     def decode(self, obj: dict[str, Any]) -> M:
         message = self.message_type()
         self.decode_into(message, obj)
+        return message  # type: ignore[return-value]
+
+    def decode_kept(self, obj: dict[str, Any]) -> M:
+        """decode(), for a document the caller hands over and never changes: if the message is then
+        dumped unchanged, its JSON is made from the document, not read back field by field."""
+        message = self.message_type()
+        self.decode_into(message, obj)
+        kept = self._kept
+        if kept is not None:
+            kept[id(message)] = (message, message.SerializeToString(), obj)  # the entry holds it: ids stay unique
+            if len(kept) > _KEPT:  # messages never dumped (a gRPC call's, a dropped chunk) age out
+                del kept[next(iter(kept))]
         return message  # type: ignore[return-value]
 
     def decode_into_generic(self, message: Message, obj: dict[str, Any]) -> None:
@@ -166,7 +186,32 @@ class MessageCodec(Generic[M]):
         return out
 
     def dumps(self, message: Message) -> bytes:
+        kept = self._kept
+        if kept is None:
+            self._kept = {}  # this process writes the type as JSON: decode_kept() keeps documents from now on
+        else:
+            entry = kept.pop(id(message), None)
+            # The same wire form is the same message: the document's JSON is the message's.
+            if entry is not None and entry[0] is message and entry[1] == message.SerializeToString():
+                out = self.canon(entry[2])
+                if out is not None:
+                    return orjson.dumps(out)
         return orjson.dumps(self.encode(message))
+
+    def _extra_order(self, keys: tuple[str, ...]) -> tuple[str, ...]:
+        """The order the extra map iterates `keys` in, inserted in this order into a fresh map (as
+        decode_into does); it depends on the keys and that order alone, so it is learnt once."""
+        order = self._orders.get(keys)
+        if order is None:
+            if len(keys) < 2 or self._extra is None:
+                return keys
+            extra = getattr(self.message_type(), self._extra)
+            for key in keys:
+                extra[key] = _NULL
+            order = tuple(extra)
+            if len(self._orders) < _ORDERS:
+                self._orders[keys] = order
+        return order
 
     # ------------------------------------------------------------------ tables
 
@@ -225,6 +270,19 @@ class MessageCodec(Generic[M]):
         namespace = dict(_GENERATED_GLOBALS)
         source = codec_gen.encoder_source(fields, namespace)
         self.encode = codec_gen.compile_function(source, "encode", namespace, where)
+        by_name = self.descriptor.fields_by_name
+        canon: list[codec_gen.CanonField] = []
+        for spec in sorted(plan, key=lambda spec: by_name[spec.key].number if spec.key in by_name else 0):
+            typed = by_name.get(spec.key)
+            # Left to encode(): a oneof, a float field (it reads back rounded to 32 bits), and a field
+            # without presence (its zero value is not listed).
+            plain = typed is not None and typed.type != FieldDescriptor.TYPE_FLOAT
+            plain = plain and typed is not None and (typed.has_presence or _is_repeated(typed))
+            kind = spec.kind if plain else codec_gen.CALL
+            canon.append(codec_gen.CanonField(spec.key, kind, spec.repeated, spec.target))
+        namespace = dict(_GENERATED_GLOBALS, extra_order=self._extra_order)
+        source = codec_gen.canon_source(canon, namespace)
+        self.canon = codec_gen.compile_function(source, "canon", namespace, where)
 
     def _decode_kind(self, field: FieldDescriptor) -> tuple[str, Any]:
         """How the generated decoder handles a field: inline (with its sub-codec), or by its closure (None)."""

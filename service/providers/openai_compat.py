@@ -96,7 +96,7 @@ class OpenAICompatibleProvider(HTTPProvider):
         """One JSON request and its JSON answer, decoded by `codec`."""
         obj = await self._json(head, body, call, timeouts)
         try:
-            return codec.decode(obj)
+            return codec.decode_kept(obj)
         except JsonMappingError as exc:
             raise BadGatewayError(f"Provider {self.name} sent an invalid response: {exc}") from None
 
@@ -120,7 +120,7 @@ class OpenAICompatibleProvider(HTTPProvider):
             status = error.get("status") or error.get("code")
             raise UpstreamError(status if isinstance(status, int) and 400 <= status < 600 else 502, data)
         try:
-            return _CHUNK.decode(obj)  # type: ignore[no-any-return]
+            return _CHUNK.decode_kept(obj)  # type: ignore[no-any-return]
         except JsonMappingError as exc:
             raise BadGatewayError(f"Provider {self.name} sent an invalid stream event: {exc}") from None
 

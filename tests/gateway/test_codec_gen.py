@@ -153,3 +153,45 @@ def test_generated_encode_matches_generic_on_set_messages(codec: MessageCodec[An
 def test_a_message_without_fields() -> None:
     codec = next(c for c in CODECS if not c.descriptor.fields)
     assert codec.dumps(codec.decode({})) == b"{}"
+
+
+@pytest.mark.parametrize("codec", CODECS, ids=lambda codec: codec.descriptor.name)
+def test_canon_is_the_decoded_message_encoded(codec: MessageCodec[Any]) -> None:
+    """Where canon() answers, its JSON is the bytes encode() gives for the decoded message."""
+    rng = random.Random("canon" + codec.descriptor.full_name)
+    answered = 0
+    for _ in range(300):
+        doc = _document(codec.descriptor, rng)
+        try:
+            message = codec.decode(doc)
+        except Exception:
+            continue
+        out = codec.canon(doc)
+        if out is not None:
+            answered += 1
+            assert orjson.dumps(out) == orjson.dumps(codec.encode(message)), orjson.dumps(doc)
+    assert answered or not codec.descriptor.fields or codec.descriptor.oneofs
+
+
+def test_a_kept_document_is_dumped_as_the_message_is() -> None:
+    chunk = next(c for c in CODECS if c.descriptor.name == "ChatCompletionChunk")
+    doc = {
+        "id": "c1",
+        "service_tier": "default",  # before system_fingerprint, as OpenAI sends it; the message orders them
+        "system_fingerprint": "fp",
+        "choices": [{"index": 0, "delta": {"content": "hi"}, "logprobs": None, "finish_reason": None, "z": 1}],
+        "usage": None,
+        "obfuscation": "abc",
+    }
+    chunk.dumps(chunk.decode(doc))  # the first dumps() of the type turns keeping on
+    for change in (None, "clear-usage", "content", "extra"):
+        message = chunk.decode_kept(doc)
+        if change == "clear-usage":
+            del message.extra["usage"]
+        elif change == "content":
+            message.choices[0].delta.content = "ho"
+        elif change == "extra":
+            message.choices[0].extra["z"] = "2"
+        expected = orjson.dumps(chunk.encode(message))
+        assert chunk.dumps(message) == expected
+        assert chunk.dumps(message) == expected  # no longer kept: encoded
