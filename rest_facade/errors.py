@@ -28,6 +28,7 @@ from gateway.jsonpb import JsonMappingError
 from gateway.logs import get_logger
 
 from .headers import REQUEST_ID, request_id
+from .response import Response
 
 JSON = "application/json"
 
@@ -36,7 +37,7 @@ log = get_logger("rest")
 
 def error_response(error: GatewayError, rid: str) -> HTTPResponse:
     headers = {**error.headers, REQUEST_ID: rid} if error.headers else {REQUEST_ID: rid}
-    return HTTPResponse(error.body(), status=error.http_status, headers=headers, content_type=JSON)
+    return Response(error.body(), status=error.http_status, headers=headers, content_type=JSON)
 
 
 def body_error(exc: JsonMappingError, body: bytes) -> InvalidRequestError:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 from sanic import HTTPResponse
+from sanic.headers import format_http1_response
 
 from gateway.errors import InvalidRequestError
-from rest_facade.app import Response
 from rest_facade.headers import call_info, request_id
+from rest_facade.response import Response
 
 
 def test_metadata_is_an_allow_list() -> None:
@@ -88,9 +89,36 @@ def test_the_fast_header_check_sends_what_sanics_would(value: str, sent: str) ->
 
 
 @pytest.mark.parametrize("status", [200, 204, 304, 400])
-def test_the_response_header_bytes_are_sanics(status: int) -> None:
-    """The one-loop header rendering gives the bytes Sanic's own would, control characters included."""
-    headers = {"x-request-id": "rid", "x-llm-gateway-model": "a\r\nb", "x-odd": "ünï", "content-length": 12}
+@pytest.mark.parametrize(
+    "odd",
+    [
+        {},
+        {"x-llm-gateway-model": "a\r\nb"},
+        {"x-llm-gateway-model": "a\x00b"},
+        {"x-odd": "ünï"},
+        {"x-tab": "a\tb\x7f"},
+        {"x-lf": "a\nb", "x-cr": "c\rd"},
+    ],
+)
+def test_the_response_header_bytes_are_sanics(status: int, odd: dict[str, str]) -> None:
+    """The one-string header rendering gives the bytes Sanic's own would, control characters included."""
+    headers = {"x-request-id": "rid", **odd, "content-length": 12, "connection": "keep-alive"}
     ours = Response(b"{}", status=status, headers=dict(headers), content_type="application/json")
     sanics = HTTPResponse(b"{}", status=status, headers=dict(headers), content_type="application/json")
-    assert list(ours.processed_headers) == list(sanics.processed_headers)
+    assert format_http1_response(status, ours.processed_headers) == format_http1_response(
+        status, sanics.processed_headers
+    )
+
+
+def test_a_name_sanic_refuses_is_refused() -> None:
+    ours = Response(b"{}", headers={"x-naïve": "v"}, content_type="application/json")
+    with pytest.raises(UnicodeEncodeError):
+        ours.processed_headers  # noqa: B018
+    with pytest.raises(UnicodeEncodeError):
+        list(HTTPResponse(b"{}", headers={"x-naïve": "v"}, content_type="application/json").processed_headers)
+
+
+def test_no_headers() -> None:
+    assert format_http1_response(204, Response(status=204).processed_headers) == format_http1_response(
+        204, HTTPResponse(status=204).processed_headers
+    )
