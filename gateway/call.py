@@ -23,7 +23,9 @@ def new_request_id() -> str:
     return f"{_ID_PREFIX}{next(_ID_COUNTER):016x}"
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: a frozen dataclass's __init__ sets each field through object.__setattr__ (about 8,300
+# instructions against 3,100). No one assigns a field; a changed call is a dataclasses.replace().
+@dataclass(slots=True)
 class CallInfo:
     # gRPC-style metadata: lower-case keys (authorization, x-request-id, traceparent, ...).
     metadata: Metadata = ()

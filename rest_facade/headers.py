@@ -34,6 +34,7 @@ TIMEOUT_HEADERS = ("x-request-timeout", "grpc-timeout")
 _MAX_REQUEST_ID = 128
 _GRPC_TIMEOUT = re.compile(r"([0-9]{1,8})([HMSmun])")
 _GRPC_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
+_ASKED = frozenset((*FORWARDED, *TIMEOUT_HEADERS))
 
 
 def request_id(headers: Mapping[str, str]) -> str:
@@ -44,20 +45,27 @@ def request_id(headers: Mapping[str, str]) -> str:
 
 
 def call_info(headers: Mapping[str, str], rid: str, max_timeout: float) -> CallInfo:
-    """Metadata from the allow-list and the deadline; raises InvalidRequestError for a bad timeout header."""
+    """Metadata from the allow-list and the deadline; raises InvalidRequestError for a bad timeout header.
+    `headers` has lower-case names, as Sanic's parser leaves them."""
     metadata = [(REQUEST_ID, rid)]
-    for key in FORWARDED:
-        value = headers.get(key)
-        # gRPC metadata values must be printable ASCII; anything else cannot travel and is dropped.
-        if value and value.isascii() and value.isprintable():
-            metadata.append((key, value))
     timeout = max_timeout
-    for key in TIMEOUT_HEADERS:
-        value = headers.get(key)
-        if value:
-            timeout = min(timeout, _parse_timeout(key, value))
-            break
-    return CallInfo(metadata=tuple(metadata), timeout=timeout)
+    # One C pass over the names sent, then a lookup per name found: six lookups of a multidict cost
+    # about 10,000 instructions, and most requests carry none of these but authorization.
+    sent = _ASKED.intersection(headers)
+    if sent:
+        for key in FORWARDED:
+            if key in sent:
+                value = headers.get(key)
+                # gRPC metadata values must be printable ASCII; anything else cannot travel and is dropped.
+                if value and value.isascii() and value.isprintable():
+                    metadata.append((key, value))
+        for key in TIMEOUT_HEADERS:
+            if key in sent:
+                value = headers.get(key)
+                if value:
+                    timeout = min(timeout, _parse_timeout(key, value))
+                    break
+    return CallInfo(tuple(metadata), timeout)
 
 
 def _parse_timeout(key: str, value: str) -> float:
