@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import secrets
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -50,7 +50,9 @@ class ChatBackend(Protocol):
     are raised as `gateway.errors.GatewayError`.
     """
 
-    async def unary(self, method: str, request: Message, call: CallInfo) -> Message: ...
+    def unary(self, method: str, request: Message, call: CallInfo) -> Awaitable[Message]:
+        """An awaitable of the reply (a coroutine: `async def unary` fits)."""
+        ...
 
     def stream(self, method: str, request: Message, call: CallInfo) -> AsyncIterator[Sequence[Message]]:
         """A server-streaming call's messages in batches, never empty: those that were ready together."""

@@ -15,6 +15,7 @@ from typing import Any
 
 from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import Message
+from opentelemetry.trace import Tracer
 from sanic import HTTPResponse, Request, Sanic
 from sanic.config import Config as SanicConfig
 
@@ -124,12 +125,15 @@ def transcoding_handler(route: Route, backend: ChatBackend, max_timeout: float) 
     """The one handler every proto-annotated route shares: decode, pick the RPC, call, encode."""
     reads_query = not route.body  # only body-less rules take fields from the query string
 
-    async def handle(request: Request, **path_params: str) -> HTTPResponse | None:
-        headers = request.headers
-        rid = request_id(headers)
+    def handle(request: Request, **path_params: str) -> Coroutine[Any, Any, HTTPResponse | None]:
+        # Not a coroutine itself: it hands Sanic the one to await (no coroutine layer of its own per request).
+        rid = request_id(request.headers)
         tracer = tracing.TRACER
         if tracer is None:  # tracing off: one global read, no span work at all
-            return await transcode(request, path_params, rid, None)
+            return transcode(request, path_params, rid, None)
+        return traced(request, path_params, rid, tracer)
+
+    async def traced(request: Request, path_params: dict[str, str], rid: str, tracer: Tracer) -> HTTPResponse | None:
         span = ServerSpan(tracer, request, route.path)
         status = 500
         try:
