@@ -30,6 +30,7 @@ from . import sse
 from .docs import add_docs_routes
 from .errors import JSON, OpenAIErrorHandler, body_error, error_response
 from .headers import REQUEST_ID, call_info, request_id
+from .request import FacadeRequest
 from .response import Response
 from .routes import Binding, Route, build_routes
 from .spans import ServerSpan
@@ -54,6 +55,7 @@ def build_app(
     app: Sanic[Any, Any] = Sanic(
         f"llm_gateway_rest_{os.getpid()}_{next(_names)}",
         config=_Settings(),
+        request_class=FacadeRequest,
         configure_logging=False,
         error_handler=OpenAIErrorHandler(),
     )
