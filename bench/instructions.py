@@ -30,7 +30,17 @@ from . import features, load, systems
 from .procs import free_port, wait_port
 from .upstream import Nginx
 
-PATHS = ("rest-inproc", "rest-keys", "rest-keys-redis", "rest-full", "rest-full-redis", "rest-anthropic", "grpc-direct")
+PATHS = (
+    "rest-inproc",
+    "rest-keys",
+    "rest-keys-redis",
+    "rest-full",
+    "rest-full-redis",
+    "rest-anthropic",
+    "grpc-direct",
+    "grpc-floor",
+)
+GRPC_PATHS = ("grpc-direct", "grpc-floor")
 
 
 def _control(*args: str) -> str:
@@ -79,7 +89,7 @@ def measure(path: str, kind: str, requests: int, warmup: int, workdir: Path) -> 
     try:
         config = systems.gateway_config({k: nginx.url(k) for k in ("unary", "stream")}, "WARNING")
         authorization = ""
-        if path not in ("rest-inproc", "grpc-direct"):
+        if path not in ("rest-inproc", *GRPC_PATHS):
             if path in features.REDIS_FEATURES:
                 redis = features.Redis(workdir, None).start()
             config = features.config(path, config, nginx.base, workdir, redis.url if redis else "")
@@ -95,13 +105,12 @@ def measure(path: str, kind: str, requests: int, warmup: int, workdir: Path) -> 
             f"--callgrind-out-file={out}",
             sys.executable,
             "-m",
-            "gateway.cli",
-            "--config",
-            str(conf),
-            "--workers",
-            "1",
         ]
         grpc_port = free_port()
+        if path == "grpc-floor":  # bench/grpc_floor.py: grpc.aio answering with a fixed response
+            cmd += ["bench.grpc_floor", "--port", str(grpc_port)]
+        else:
+            cmd += ["gateway.cli", "--config", str(conf), "--workers", "1"]
         if path == "grpc-direct":  # the service alone; calls from a Python gRPC client
             cmd.append("--grpc-only")
         env = systems.bench_env({"SERVER_PORT": str(port), "GRPC_PORT": str(grpc_port)})
@@ -112,12 +121,12 @@ def measure(path: str, kind: str, requests: int, warmup: int, workdir: Path) -> 
             body = load.request_body(f"bench-{kind}", kind == "stream")
 
             def send(count: int) -> None:
-                if path == "grpc-direct":
+                if path in GRPC_PATHS:
                     _grpc_requests(grpc_port, kind, count)
                 else:
                     _requests(port, body, authorization, count)
 
-            wait_port(grpc_port if path == "grpc-direct" else port, proc, log, 600)
+            wait_port(grpc_port if path in GRPC_PATHS else port, proc, log, 600)
             send(warmup)
             _control("-i", "on", str(proc.pid))
             send(requests)

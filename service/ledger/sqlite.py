@@ -33,9 +33,18 @@ from .base import COLUMNS, MIGRATIONS, SCHEMA_TABLE, TABLE, Ledger, UsageRecord,
 
 T = TypeVar("T")
 
-_INSERT = (
-    f"INSERT INTO {TABLE} ({', '.join(COLUMNS)}) VALUES ({', '.join('?' for _ in COLUMNS)}) ON CONFLICT DO NOTHING"
-)
+_ROW = f"({', '.join('?' for _ in COLUMNS)})"
+# Rows per INSERT statement: one sqlite3_step writes them all, so the ledger thread gives the GIL up and
+# takes it back once per chunk (executemany does it once per row: a thread switch each time the event
+# loop holds the GIL). 50 rows are 900 parameters, well under SQLite's limit of 32,766.
+CHUNK_ROWS = 50
+
+
+def _insert(rows: int) -> str:
+    return f"INSERT INTO {TABLE} ({', '.join(COLUMNS)}) VALUES {', '.join([_ROW] * rows)} ON CONFLICT DO NOTHING"
+
+
+_INSERT_CHUNK = _insert(CHUNK_ROWS)
 _TS = "%Y-%m-%dT%H:%M:%S.%fZ"  # UTC, microseconds: sorts as text, and SQLite's date functions read it
 _BUSY_MS = 30_000
 
@@ -114,11 +123,22 @@ class SqliteLedger(Ledger):
 
     def _write(self, records: Sequence[UsageRecord]) -> int:
         conn = self._connection()
-        rows = [(_stamp(r[0]), *r[1:]) for r in records]
+        # The booleans go in as 0/1: sqlite3 binds only exact int, float and str without its adapter
+        # lookup, which for a bool looks for __adapt__ and __conform__ first (a third of binding a row).
+        values = [
+            value
+            for r in records
+            for value in (_stamp(r[0]), *r[1:13], 1 if r[13] else 0, *r[14:17], 1 if r[17] else 0)
+        ]
+        width = len(COLUMNS) * CHUNK_ROWS
+        whole = len(values) - len(values) % width
         try:
             conn.execute("BEGIN IMMEDIATE")
             before = conn.total_changes
-            conn.executemany(_INSERT, rows)
+            for start in range(0, whole, width):
+                conn.execute(_INSERT_CHUNK, values[start : start + width])
+            if whole < len(values):  # the last rows: a statement of their own size (sqlite3 caches 128)
+                conn.execute(_insert((len(values) - whole) // len(COLUMNS)), values[whole:])
             inserted = conn.total_changes - before
             conn.execute("COMMIT")
         except BaseException:

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from service.ledger.base import COLUMNS, TABLE
-from service.ledger.sqlite import _INSERT, SqliteLedger, _stamp
+from service.ledger.sqlite import SqliteLedger, _insert, _stamp
 from tests.service.ledger.measure_postgres import BATCH, RECORDS, records
 
 
@@ -49,7 +49,7 @@ async def main() -> None:
             cpu, wall = time.process_time(), time.perf_counter()
             for start in range(0, len(rows), BATCH):
                 await db.execute("BEGIN IMMEDIATE")
-                await db.executemany(_INSERT, [(_stamp(r[0]), *r[1:]) for r in rows[start : start + BATCH]])
+                await db.executemany(_insert(1), [(_stamp(r[0]), *r[1:]) for r in rows[start : start + BATCH]])
                 await db.execute("COMMIT")
             spent = time.process_time() - cpu, time.perf_counter() - wall
             count = await (await db.execute(f"SELECT count(*) FROM {TABLE}")).fetchone()

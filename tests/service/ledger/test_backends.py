@@ -17,7 +17,7 @@ import pytest
 from gateway import metrics
 from service.ledger import SCHEMA_VERSION, LedgerWriter, UsageRecord, open_ledger
 from service.ledger.base import SCHEMA_TABLE, TABLE, redacted
-from service.ledger.sqlite import path_of
+from service.ledger.sqlite import CHUNK_ROWS, path_of
 from tests.service.ledger.postgres_server import PostgresServer
 
 T0 = 1_796_000_000.0  # 2026-11-30T...Z
@@ -101,6 +101,21 @@ def test_records_come_back_as_written(ledger_url: str) -> None:
         assert await ledger.write(written[:25]) == 25
         assert await ledger.write(written[25:]) == 15
         assert same(await ledger.records(), written)
+        await ledger.close()
+
+    run(go())
+
+
+def test_a_large_batch_with_some_records_already_there_inserts_the_rest_once(ledger_url: str) -> None:
+    # SQLite writes a batch as INSERTs of CHUNK_ROWS rows and one of the rest: sizes on either side of it.
+    async def go() -> None:
+        ledger = open_ledger(ledger_url)
+        written = [record(n) for n in range(2 * CHUNK_ROWS + 23)]
+        assert await ledger.write(written[CHUNK_ROWS - 3 : CHUNK_ROWS + 4]) == 7
+        assert await ledger.write(written) == len(written) - 7
+        assert await ledger.write(written[:CHUNK_ROWS]) == 0
+        assert await ledger.write([*written[-1:], record(999)]) == 1
+        assert same(await ledger.records(), [*written, record(999)])
         await ledger.close()
 
     run(go())
