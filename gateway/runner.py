@@ -10,7 +10,7 @@ import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from . import logs, metrics
+from . import logs, malloc, metrics
 from .call import ChatBackend
 from .config import Config
 
@@ -38,6 +38,7 @@ async def serve(
     of several; a process that is the only worker is given `prepare` and reloads on its own."""
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
+    malloc.fix_thresholds()  # large freed buffers go back to the system: RSS follows the load down
     for sig in (signal.SIGTERM, signal.SIGINT):
         # Setting the event again is a no-op: a second signal never cuts the drain short.
         with contextlib.suppress(NotImplementedError, RuntimeError):
