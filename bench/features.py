@@ -43,7 +43,8 @@ def config(feature: str, base: dict[str, Any], upstream_base: str, workdir: Path
     if feature.endswith("-redis"):
         cfg["state"] = {"redis_url": redis_url}
     if feature.startswith("rest-full"):
-        cfg["usage"] = {"database": f"sqlite:///{workdir / f'usage-{feature}.db'}"}
+        # Not beside the config file: its directory is watched for reloads, and each write would wake the watcher.
+        cfg["usage"] = {"database": f"sqlite:///{workdir / 'ledger' / f'usage-{feature}.db'}"}
         cfg["models"] = {
             name: {"provider": provider, "price": dict(_PRICE)} for name, provider in cfg["models"].items()
         }

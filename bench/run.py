@@ -27,7 +27,7 @@ PATHS = ("floor", "proxy-floor", "grpc-floor", "rest-inproc", "rest-separate", "
 PEERS = ("litellm", "portkey")
 # The feature scenarios whose budgets are differences to rest-inproc, measured again side by side (paired).
 PAIRED = ("rest-keys", "rest-keys-redis", "rest-full", "rest-full-redis")
-PAIRED_ROUNDS = 8
+PAIRED_ROUNDS = 12
 PAIRED_SLICE_S = 1.5
 
 
