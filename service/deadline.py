@@ -25,6 +25,12 @@ class Deadline:
         self._expired = False
 
     async def __aenter__(self) -> Deadline:
+        self.enter()
+        return self
+
+    def enter(self) -> None:
+        """Start a block by hand: `enter()`, the awaits, then `leave(exc)` however they ended. The hot
+        paths use this pair instead of `async with`, whose __aenter__/__aexit__ are two coroutines a block."""
         task = asyncio.current_task(self.loop)  # given the loop: no lookup of the running one
         if task is None:
             raise RuntimeError("a Deadline must be used inside a task")
@@ -32,7 +38,6 @@ class Deadline:
         self._cancelling = task.cancelling()  # cancellations requested before us are not ours to absorb
         self._expired = False
         self._handle = self.loop.call_at(self.when, self._expire)
-        return self
 
     def _expire(self) -> None:
         self._expired = True
@@ -41,8 +46,13 @@ class Deadline:
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
+        self.leave(exc)
+
+    def leave(self, exc: BaseException | None) -> None:
+        """End the block `enter()` began; `exc` is what the block raised (None if nothing). Raises
+        TimeoutError (from `exc`) when the block's CancelledError was this deadline's."""
         self._handle.cancel()
         # As asyncio.Timeout: our cancel is withdrawn; if nobody else cancelled the task meanwhile,
         # the CancelledError it caused becomes a TimeoutError.
-        if self._expired and self._task.uncancel() <= self._cancelling and exc_type is asyncio.CancelledError:
+        if self._expired and self._task.uncancel() <= self._cancelling and type(exc) is asyncio.CancelledError:
             raise TimeoutError from exc

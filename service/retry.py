@@ -66,7 +66,8 @@ def retry_after(error: GatewayError) -> float | None:
         return None
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: a frozen dataclass's __init__ sets each field through object.__setattr__, one per request.
+@dataclass(slots=True)
 class Attempt:
     model: str  # the configured model serving this attempt (the one asked for, or a fallback)
     state: DeploymentState

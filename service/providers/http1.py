@@ -77,12 +77,25 @@ class Response:
     """One response; its body is read with `read()` or `blocks()`. `release()` hands a complete
     response's connection back to the pool; `close()` drops the connection (the upstream sees it)."""
 
-    __slots__ = ("_connection", "headers", "status")
+    __slots__ = ("_connection", "_headers", "_items", "status")
 
-    def __init__(self, connection: _Connection, status: int, headers: dict[str, str]) -> None:
+    def __init__(self, connection: _Connection, status: int, items: list[tuple[bytes, bytes]]) -> None:
         self._connection: _Connection | None = connection
         self.status = status
-        self.headers = headers
+        self._items = items
+        self._headers: dict[str, str] | None = None
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """The head's fields, names lower-cased, repeated ones joined with ", ". Decoded on first use: a
+        200 answer's head is never read (only error answers pass headers on)."""
+        headers = self._headers
+        if headers is None:
+            headers = self._headers = {}
+            for raw_name, raw_value in self._items:
+                name, value = raw_name.decode("latin-1").lower(), raw_value.decode("latin-1")
+                headers[name] = f"{headers[name]}, {value}" if name in headers else value
+        return headers
 
     def _owned(self) -> _Connection:
         if self._connection is None:
@@ -144,13 +157,12 @@ class _Connection(asyncio.Protocol):
     def _reset(self) -> None:
         self.status = 0
         self.head_bytes = 0  # bytes received before the final response head was complete
-        self.header_items: list[tuple[str, str]] = []
+        self.header_items: list[tuple[bytes, bytes]] = []  # as the parser gave them; decoded by Response.headers
         self.headers_done: asyncio.Future[None] | None = None
         self.chunks: list[bytes] = []
         self.buffered = 0
         self.complete = False
         self.keep_alive = False
-        self.delimited = False  # the body has a length or is chunked; otherwise it ends at EOF
         self.error: HTTPClientError | None = None
         self.waiter: asyncio.Future[None] | None = None
         self.paused = False
@@ -175,10 +187,12 @@ class _Connection(asyncio.Protocol):
         return self.headers_done
 
     def response(self) -> Response:
-        headers: dict[str, str] = {}
-        for name, value in self.header_items:
-            headers[name] = f"{headers[name]}, {value}" if name in headers else value
-        return Response(self, self.status, headers)
+        return Response(self, self.status, self.header_items)
+
+    def _delimited(self) -> bool:
+        """The body has a length or is chunked; otherwise it ends at EOF. Asked only when the connection
+        is lost mid-body, so the header names are not looked at per response."""
+        return any(name.lower() in (b"content-length", b"transfer-encoding") for name, _ in self.header_items)
 
     async def wait(self) -> None:
         if self.error is not None:
@@ -270,7 +284,7 @@ class _Connection(asyncio.Protocol):
         return False  # close the transport: connection_lost follows
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if exc is None and self.status and not self.complete and not self.delimited:
+        if exc is None and self.status and not self.complete and not self._delimited():
             self.complete = True  # a body without length or chunking ends when the connection does
             self._wake()
         else:
@@ -283,16 +297,12 @@ class _Connection(asyncio.Protocol):
     # ---------------------------------------------------------------- httptools callbacks
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        key = name.decode("latin-1").lower()
-        if key in ("content-length", "transfer-encoding"):
-            self.delimited = True
-        self.header_items.append((key, value.decode("latin-1")))
+        self.header_items.append((name, value))  # kept raw: decoded only if Response.headers is read
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
         if 100 <= status < 200:  # an interim response (103 Early Hints): the real one follows
             self.header_items = []
-            self.delimited = False
             return
         self.status = status
         if self.headers_done is not None and not self.headers_done.done():
@@ -387,7 +397,8 @@ class Pool:
         """Send one request (head and body, already rendered); return once the response head is in.
         Cancelling it closes the connection."""
         timeout = connect_timeout or self.connect_timeout
-        connection = await self._acquire(timeout)
+        # A kept-alive connection is taken without a coroutine; only a new one (or a wait at the cap) awaits.
+        connection = self._reuse() or await self._acquire(timeout)
         try:
             await connection.send(data)
         except Disconnected:
@@ -416,12 +427,8 @@ class Pool:
         """An idle connection (unless `fresh`), else a new one; at the cap, the next one freed."""
         if self._closed:
             raise ConnectError("the client is closed")
-        now = self.loop.time()
-        while self._idle and not fresh:
-            connection = self._idle.pop()
-            if connection.usable() and now - connection.idle_since < self.keepalive:
-                return connection
-            connection.close()
+        if not fresh and (connection := self._reuse()) is not None:
+            return connection
         if len(self._open) + self._handed >= self.max_connections:
             connection_or_slot = await self._wait_turn()
             if connection_or_slot is not None:
@@ -431,6 +438,18 @@ class Pool:
                 return await self._acquire(connect_timeout, fresh)
             self._handed -= 1  # the slot is ours: _connect holds it from here
         return await self._connect(connect_timeout)
+
+    def _reuse(self) -> _Connection | None:
+        """The most recently idle connection still open and fresh enough, if any (stale ones are closed)."""
+        if self._closed:
+            return None  # _acquire raises
+        now = self.loop.time()
+        while self._idle:
+            connection = self._idle.pop()
+            if connection.usable() and now - connection.idle_since < self.keepalive:
+                return connection
+            connection.close()
+        return None
 
     async def _wait_turn(self) -> _Connection | None:
         """At the cap: wait for a released connection, or for a closed one's free slot (None)."""

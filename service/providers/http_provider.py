@@ -69,18 +69,17 @@ class HTTPProvider:
             )
         return self._pool
 
-    async def _post(
+    def _post(
         self, head: bytes, body: dict[str, Any], call: CallInfo, timeouts: Timeouts, first: Deadline | None
-    ) -> http1.Response:
-        """Send the request; return once the response head is in, by the `first` deadline at the latest."""
+    ) -> Awaitable[http1.Response]:
+        """Send the request; the awaitable ends once the response head is in, by the `first` deadline at
+        the latest. A plain function returning the pool's coroutine: one coroutine layer fewer."""
         extra = b"".join(
             f"{key}: {value}\r\n".encode("latin-1")
             for key, value in call.metadata
             if key in _FORWARDED_METADATA and http1.safe_header(key, value)
         )
-        return await within(
-            first, self._client().request(http1.with_body(head, orjson.dumps(body), extra), timeouts.connect)
-        )
+        return within(first, self._client().request(http1.with_body(head, orjson.dumps(body), extra), timeouts.connect))
 
     def _error(self, status: int, body: bytes, headers: Mapping[str, str]) -> GatewayError:
         """The error for an upstream's non-200 answer; OpenAI's error bodies pass through as they are."""
@@ -135,8 +134,13 @@ class HTTPProvider:
                     if limit is None:  # no deployment timeout: the service's own deadline still applies
                         batch = await anext(batches, None)
                     else:
-                        async with limit:
+                        limit.enter()  # by hand: no __aenter__/__aexit__ coroutines per read
+                        try:
                             batch = await anext(batches, None)
+                        except BaseException as exc:
+                            limit.leave(exc)
+                            raise
+                        limit.leave(None)
                     if batch is None:
                         raise BadGatewayError(f"Provider {self.name} ended the stream before its last event.")
                     chunks: Chunks = []
@@ -184,12 +188,23 @@ def deadlines(timeouts: Timeouts) -> tuple[Deadline | None, Deadline | None]:
 T = TypeVar("T")
 
 
-async def within(deadline: Deadline | None, step: Awaitable[T]) -> T:
-    """`step` awaited inside the deployment's deadline, when it has one."""
+def within(deadline: Deadline | None, step: Awaitable[T]) -> Awaitable[T]:
+    """`step` awaited inside the deployment's deadline, when it has one; without one, `step` itself
+    (no coroutine wrapped around it)."""
     if deadline is None:
-        return await step
-    async with deadline:
-        return await step
+        return step
+    return _within(deadline, step)
+
+
+async def _within(deadline: Deadline, step: Awaitable[T]) -> T:
+    deadline.enter()
+    try:
+        result = await step
+    except BaseException as exc:
+        deadline.leave(exc)
+        raise
+    deadline.leave(None)
+    return result
 
 
 def passed_back(headers: Mapping[str, str]) -> dict[str, str]:

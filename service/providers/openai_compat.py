@@ -81,20 +81,18 @@ class OpenAICompatibleProvider(HTTPProvider):
         body["model"] = upstream_model
         if body.get("stream") is True:
             body["stream"] = False
-        return await self._exchange(self._heads_for(upstream_model)[0], body, call, timeouts, _COMPLETION)  # type: ignore[no-any-return]
+        # The decode is a plain call after the exchange, not a coroutine of its own around it.
+        return self._decoded(await self._json(self._heads_for(upstream_model)[0], body, call, timeouts), _COMPLETION)  # type: ignore[no-any-return]
 
     async def embed(
         self, request: chat_pb2.CreateEmbeddingRequest, upstream_model: str, call: CallInfo, timeouts: Timeouts
     ) -> chat_pb2.CreateEmbeddingResponse:
         body = _EMBEDDING_REQUEST.encode(request)
         body["model"] = upstream_model
-        return await self._exchange(self._heads_for(upstream_model)[2], body, call, timeouts, _EMBEDDINGS)  # type: ignore[no-any-return]
+        return self._decoded(await self._json(self._heads_for(upstream_model)[2], body, call, timeouts), _EMBEDDINGS)  # type: ignore[no-any-return]
 
-    async def _exchange(
-        self, head: bytes, body: dict[str, Any], call: CallInfo, timeouts: Timeouts, codec: MessageCodec[Any]
-    ) -> Any:
-        """One JSON request and its JSON answer, decoded by `codec`."""
-        obj = await self._json(head, body, call, timeouts)
+    def _decoded(self, obj: dict[str, Any], codec: MessageCodec[Any]) -> Any:
+        """A JSON answer decoded by `codec`."""
         try:
             return codec.decode_kept(obj)
         except JsonMappingError as exc:
