@@ -460,7 +460,10 @@ class Bench:
                 try:
                     check_rest(url, kind, extra=headers)
                 except Exception as exc:  # a peer's failure is reported, never hidden, never fatal
-                    self.results.failures[f"portkey {kind}"] = f"{type(exc).__name__}: {str(exc)[-300:]}"
+                    cause = systems.peer_error(proc.log)
+                    self.results.failures[f"portkey {kind}"] = f"{type(exc).__name__}: {str(exc)[-300:]}" + (
+                        f" (its log: {cause})" if cause else ""
+                    )
                     self.log(f"Portkey {kind} failed its check: {exc}")
                     continue
                 targets[kind] = _rest_target(url, kind, self.workdir, headers=headers)

@@ -238,6 +238,18 @@ def start_portkey(workdir: Path) -> tuple[Proc, int]:
     return proc, port
 
 
+def peer_error(log: Path) -> str:
+    """The last error a peer logged, as one line: the cause behind its HTTP 500. Portkey's 1.15.2 on Node.js
+    answers every stream that way ("TypeError: immutable" in updateHeaders, Portkey-AI/gateway#1389, #1550)."""
+    try:
+        lines = log.read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    # A line may follow a progress spinner's "Starting AI Gateway..." on the same line.
+    errors = [line.rsplit("...", 1)[-1].strip() for line in lines if "Error" in line and "    at " not in line]
+    return errors[-1][-200:] if errors else ""
+
+
 def portkey_headers(upstream_url: str) -> dict[str, str]:
     """Portkey routes each request by headers: the provider, and our upstream as its custom host."""
     return {"x-portkey-provider": "openai", "x-portkey-custom-host": upstream_url, "authorization": "Bearer bench"}
