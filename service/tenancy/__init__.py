@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 
@@ -46,11 +47,13 @@ from .limits import (
 )
 from .limits import too_large as too_large_error
 from .memory import MemoryState
-from .state import MISSING, UNCHECKED, Bucket, BudgetCounter, LimitState
+from .state import MISSING, UNCHECKED, Bucket, BudgetCounter, LimitState, Verdict
 
 __all__ = ["Admission", "KeyUse", "Tenancy", "Tenant"]
 
 log = get_logger("tenancy")
+
+_CHAT = chat_pb2.CreateChatCompletionRequest  # one global read per request, not a module attribute too
 
 
 class KeyUse:
@@ -84,21 +87,20 @@ class KeyUse:
 class Admission:
     """A request that passed its limits: what it holds until it is finished."""
 
-    __slots__ = ("_budgets", "_done", "_lease", "_prompt", "_reserved", "_scopes", "_state", "caller", "use")
+    __slots__ = ("_budgets", "_done", "_lease", "_pair", "_prompt", "_reserved", "_state", "caller", "use")
 
     def __init__(
         self,
-        use: KeyUse,
-        scopes: Scopes,
+        pair: _Pair,
         state: LimitState,
         reserved: int,
         prompt: int,
         lease: str,
         budgets: Sequence[tuple[BudgetCounter, int]] = (),
     ) -> None:
-        self.use = use
+        self.use = use = pair.use
         self.caller = use.caller
-        self._scopes = scopes
+        self._pair = pair  # its scopes, read when it is finished: one field, not one per scope
         self._state = state
         self._reserved = reserved
         self._prompt = prompt
@@ -122,17 +124,21 @@ class Admission:
             return
         self._done = True
         self.use.finish(status, usage)
-        scopes = self._scopes
+        pair = self._pair
+        tokens = pair.tokens
         adjust: Sequence[tuple[Bucket, float]] = ()
-        if scopes.tokens:
+        if tokens:
             used = usage.prompt_tokens + usage.completion_tokens if usage is not None else self._prompt
             delta = used - self._reserved
             if delta:  # a reservation that was exact has nothing to settle
-                adjust = [(bucket, delta) for bucket in scopes.tokens]
+                one = pair.one_tokens
+                # One tokens bucket (the common case): a list display, no comprehension to call.
+                adjust = [(one, delta)] if one is not None else [(bucket, delta) for bucket in tokens]
         budgets = self._budgets
         spends = [(counter, cost) for counter, _ in budgets] if budgets else ()  # reservations go with the lease
-        if adjust or scopes.pools or spends:
-            self._state.settle(adjust, scopes.pools, self._lease, spends)
+        pools = pair.pools
+        if adjust or pools or spends:
+            self._state.settle(adjust, pools, self._lease, spends)
 
 
 Tenant = KeyUse | Admission
@@ -142,7 +148,21 @@ ChatOrEmbedding = chat_pb2.CreateChatCompletionRequest | chat_pb2.CreateEmbeddin
 class _Pair:
     """What admitting one (key, model) pair needs, built once per key table."""
 
-    __slots__ = ("budgets", "limited", "request_charges", "scopes", "too_large", "use")
+    __slots__ = (
+        "budgets",
+        "leased",
+        "limited",
+        "limits",
+        "one_tokens",
+        "pools",
+        "request_charges",
+        "requests",
+        "room",
+        "scopes",
+        "tokens",
+        "too_large",
+        "use",
+    )
 
     def __init__(
         self,
@@ -158,6 +178,15 @@ class _Pair:
         self.limited = limited  # per charge, then per pool, then per budget: the rate_limited_total child
         self.too_large = too_large  # per tokens bucket
         self.budgets = budgets
+        # Worked out here, read per request as plain fields:
+        self.limits = bool(scopes or budgets)  # anything to take at all
+        self.requests = len(scopes.requests)
+        self.tokens = scopes.tokens
+        self.one_tokens = scopes.tokens[0] if len(scopes.tokens) == 1 else None
+        self.pools = scopes.pools
+        self.leased = bool(scopes.pools or budgets)  # slots and reservations are held under a lease
+        # The smallest tokens limit: a reservation within it fits every tokens bucket (one comparison).
+        self.room = min((bucket.limit for bucket in scopes.tokens), default=math.inf)
 
 
 class _Table:
@@ -282,53 +311,68 @@ class Tenancy:
             raise model_not_found(model)
         if key is not None:
             record.tenant = pair.use  # counted and logged under the key from here on, 429s included
-        scopes = pair.scopes
-        budgets = pair.budgets
-        if not scopes and not budgets:
+        if not pair.limits:
             return
+        budgets = pair.budgets
+        tokens = pair.tokens
         prompt = reserved = 0
-        charges: list[tuple[Bucket, float]] = [*pair.request_charges]  # (bucket, 1.0), built once per pair
-        if scopes.tokens or budgets:
-            if isinstance(request, chat_pb2.CreateChatCompletionRequest):
+        charges: list[tuple[Bucket, float]]
+        if tokens or budgets:
+            if isinstance(request, _CHAT):
                 prompt = estimate_prompt_tokens(request)
                 reserved = prompt + completion_cap(request, self._default_cap)
             else:  # embeddings: the input is all there is, and its text is nearly all of the message
                 prompt = reserved = request.ByteSize() // CHARS_PER_TOKEN
-            for index, bucket in enumerate(scopes.tokens):
-                if reserved > bucket.limit:
-                    pair.too_large[index].inc()
-                    raise too_large_error(bucket, reserved)
-                charges.append((bucket, float(reserved)))
+            if reserved > pair.room:  # too large for some tokens bucket: the first such one answers
+                for index, bucket in enumerate(tokens):
+                    if reserved > bucket.limit:
+                        pair.too_large[index].inc()
+                        raise too_large_error(bucket, reserved)
+            one = pair.one_tokens
+            if one is not None:  # one tokens bucket (the common case): the list built in one display
+                charges = [*pair.request_charges, (one, float(reserved))]
+            else:
+                charges = [*pair.request_charges, *[(bucket, float(reserved)) for bucket in tokens]]
+        else:
+            charges = [*pair.request_charges]  # (bucket, 1.0), built once per pair
         spend: Sequence[tuple[BudgetCounter, int]] = ()
         if budgets:  # the most this request can cost, reserved in each budget
             most = self.book.pricing.reserve(model, prompt, reserved - prompt)
             now = time.time()
             spend = [(budget.counter(now), most) for budget in budgets]
-        lease = new_request_id() if scopes.pools or budgets else ""  # what slots and reservations are held under
+        lease = new_request_id() if pair.leased else ""  # what slots and reservations are held under
+        pools = pair.pools
         local = self._local
         if local is not None:  # in this process: a plain call, no coroutine to create and await
-            verdict = local.admit_now(charges, scopes.pools, lease, spend)
+            taken = local.take(charges, pools, lease, spend)
+            if type(taken) is list:  # admitted (the common case): its levels alone, no Verdict built
+                if taken:
+                    headers(taken, pair.requests, call.response_metadata)
+                record.tenant = Admission(pair, local, reserved, prompt, lease, spend)
+                return
+            assert isinstance(taken, Verdict)
+            verdict = taken
         else:
-            verdict = await self.state.admit(charges, scopes.pools, lease, spend)
+            verdict = await self.state.admit(charges, pools, lease, spend)
         if verdict.failed == MISSING:  # a new period, a restarted Redis: counters seeded from the ledger
             assert verdict.state is not None
             if await self.book.seed(verdict.state, verdict.missing):
-                verdict = await self.state.admit(charges, scopes.pools, lease, spend)
+                verdict = await self.state.admit(charges, pools, lease, spend)
             elif self._deny_unchecked:
                 raise unchecked()
             else:  # neither the ledger nor the state can seed it: as when the state is down, unchecked
                 spend = ()
-                verdict = await self.state.admit(charges, scopes.pools, lease)
+                verdict = await self.state.admit(charges, pools, lease)
         if not verdict.ok:
             if verdict.failed in (UNCHECKED, MISSING):
                 raise unchecked()
             pair.limited[verdict.failed].inc()
-            held = len(charges) + len(scopes.pools)
+            held = len(charges) + len(pools)
             if verdict.failed >= held:
                 counter, most = spend[verdict.failed - held]
                 log.debug("budget spent", key=pair.use.name, budget=counter.id, used=verdict.used)
                 raise refusal(counter, verdict.used, most)
-            error = rejection(verdict, scopes, [cost for _, cost in charges])
+            error = rejection(verdict, pair.scopes, [cost for _, cost in charges])
             log.debug(
                 "rate limited",
                 key=pair.use.name,
@@ -338,11 +382,9 @@ class Tenancy:
             )
             raise error
         if verdict.levels:
-            headers(verdict.levels, len(scopes.requests), call.response_metadata)
+            headers(verdict.levels, pair.requests, call.response_metadata)
         assert verdict.state is not None
-        record.tenant = Admission(
-            pair.use, scopes, verdict.state, reserved, prompt, lease, spend if verdict.budgeted else ()
-        )
+        record.tenant = Admission(pair, verdict.state, reserved, prompt, lease, spend if verdict.budgeted else ())
 
     def list_models(self, call: CallInfo, every: chat_pb2.ListModelsResponse) -> chat_pb2.ListModelsResponse:
         if not self._auth:

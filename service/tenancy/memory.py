@@ -10,6 +10,7 @@ from .state import (
     EPSILON_MS,
     MISSING,
     WINDOW_MS,
+    Bucket,
     BudgetCounter,
     Budgets,
     Charges,
@@ -18,14 +19,28 @@ from .state import (
     Verdict,
 )
 
+_monotonic = time.monotonic  # a module global, not an attribute of `time`, read per request
+
+
+class _Rate:
+    """One bucket in this process: its GCRA state, with its limit and interval worked out once, not per request."""
+
+    __slots__ = ("bucket", "charged", "interval", "limit", "prev", "prev_charged", "tat")
+
+    def __init__(self, bucket: Bucket, share: float, tat: float, charged: float) -> None:
+        self.bucket = bucket  # a reload's Bucket of the same id (its limit may differ) is worked out anew
+        self.limit = limit = bucket.limit * share
+        self.interval = WINDOW_MS / limit
+        self.tat = self.prev = tat  # 0.0: idle, so full (any monotonic `now` is past it)
+        self.charged = self.prev_charged = charged
+
 
 class MemoryState:
     name = "memory"
 
     def __init__(self, share: float = 1.0) -> None:
         self.share = share
-        self._tat: dict[str, float] = {}
-        self._charged: dict[str, float] = {}
+        self._rates: dict[str, _Rate] = {}  # bucket id -> its state
         self._slots: dict[str, set[str]] = {}
         self._budgets: dict[str, int] = {}  # budget counter id -> micro-dollars spent (this process's share)
         self._held: dict[str, int] = {}  # budget counter id -> micro-dollars reserved by calls in flight
@@ -39,69 +54,100 @@ class MemoryState:
         return self.admit_now(charges, pools, lease, budgets)
 
     def admit_now(self, charges: Charges, pools: Sequence[SlotPool], lease: str, budgets: Budgets = ()) -> Verdict:
-        now = time.monotonic() * 1000.0
-        share = self.share
-        tats = self._tat
-        new_tats: list[float] = []
+        taken = self.take(charges, pools, lease, budgets)
+        return Verdict(True, taken, state=self) if isinstance(taken, list) else taken
+
+    def _rate(self, bucket: Bucket) -> _Rate:
+        old = self._rates.get(bucket.id)
+        rate = self._rates[bucket.id] = _Rate(bucket, self.share, *((old.tat, old.charged) if old else (0.0, 0.0)))
+        return rate
+
+    def take(
+        self, charges: Charges, pools: Sequence[SlotPool], lease: str, budgets: Budgets = ()
+    ) -> list[Level] | Verdict:
+        """As `admit_now`, but an admission returns its levels alone (one per charge): the common case
+        builds no Verdict. A rejection returns its Verdict, and has taken nothing."""
+        now = _monotonic() * 1000.0
+        rates = self._rates
         levels: list[Level] = []
-        for index, (bucket, cost) in enumerate(charges):
-            limit = bucket.limit * share
-            interval = WINDOW_MS / limit
-            start = tats.get(bucket.id, now)
+        for bucket, cost in charges:
+            rate = rates.get(bucket.id)
+            if rate is None or rate.bucket is not bucket:  # first seen, or a reload's bucket
+                rate = self._rate(bucket)
+            start = tat = rate.tat
             if start < now:  # an idle bucket: full
                 start = now
+            limit = rate.limit
+            interval = rate.interval
             # A reservation larger than this worker's share still passes when the bucket is full.
             debt = start - now + (cost if cost < limit else limit) * interval
             if debt > WINDOW_MS + EPSILON_MS:
-                used = (start - now) / interval
-                return Verdict(False, [], index, debt - WINDOW_MS, used, limit, self)
-            new = start + cost * interval
-            new_tats.append(new)
+                failed = len(levels)  # one level per charge taken so far
+                self._undo(charges, failed)
+                return Verdict(False, [], failed, debt - WINDOW_MS, (start - now) / interval, limit, self)
+            # Taken at once, undone if a later charge fails (rare): no second loop to commit them.
+            rate.prev = tat
+            rate.tat = new = start + cost * interval
+            rate.prev_charged = charged = rate.charged
+            rate.charged = charged + cost
             ahead = new - now
             levels.append((limit, (WINDOW_MS - ahead) / interval, ahead))
-        for index, pool in enumerate(pools):
-            limit = max(1, int(pool.limit * share))
-            held = self._slots.get(pool.id)
-            if held is not None and len(held) >= limit:
-                return Verdict(False, [], len(charges) + index, 1000.0, len(held), limit, self)
+        if pools:
+            for index, pool in enumerate(pools):
+                limit = max(1, int(pool.limit * self.share))
+                held = self._slots.get(pool.id)
+                if held is not None and len(held) >= limit:
+                    self._undo(charges, len(levels))
+                    return Verdict(False, [], len(charges) + index, 1000.0, len(held), limit, self)
         if budgets:
             counters = self._budgets
             missing = tuple(counter for counter, _ in budgets if counter.id not in counters)
             if missing:
+                self._undo(charges, len(levels))
                 return Verdict(False, [], MISSING, state=self, missing=missing)
             reserved = self._held
+            share = self.share
             for index, (counter, reserve) in enumerate(budgets):
                 used, limit = counters[counter.id] + reserved.get(counter.id, 0), int(counter.limit * share)
                 if used >= limit or used + reserve > limit:
+                    self._undo(charges, len(levels))
                     failed = len(charges) + len(pools) + index
                     return Verdict(False, [], failed, counter.expire_ms - time.time() * 1000, used, limit, self)
             for counter, reserve in budgets:
                 if reserve:
                     reserved[counter.id] = reserved.get(counter.id, 0) + reserve
                     self._holds[(counter.id, lease)] = reserve
-        charged = self._charged
-        for (bucket, cost), new in zip(charges, new_tats, strict=True):
-            tats[bucket.id] = new
-            charged[bucket.id] = charged.get(bucket.id, 0.0) + cost
         for pool in pools:
             self._slots.setdefault(pool.id, set()).add(lease)
-        return Verdict(True, levels, -1, 0.0, 0.0, 0.0, self)
+        return levels
+
+    def _undo(self, charges: Charges, taken: int) -> None:
+        """A rejection takes nothing: the first `taken` charges go back as they were."""
+        rates = self._rates
+        for bucket, _ in charges[:taken]:
+            rate = rates[bucket.id]
+            rate.tat, rate.charged = rate.prev, rate.prev_charged
 
     def settle(self, adjustments: Charges, pools: Sequence[SlotPool], lease: str, budgets: Budgets = ()) -> None:
-        counters = self._budgets
-        for counter, cost in budgets:
-            reserved = self._holds.pop((counter.id, lease), 0)
-            if reserved:
-                self._held[counter.id] -= reserved
-            if counter.id in counters:  # a counter seeded afresh since has the ledger's word
-                counters[counter.id] += cost
-        tats, charged, share = self._tat, self._charged, self.share
-        now = time.monotonic() * 1000.0 if adjustments else 0.0
-        for bucket, delta in adjustments:
-            tat = tats.get(bucket.id, now)
-            tat = (tat if tat > now else now) + delta * WINDOW_MS / (bucket.limit * share)
-            tats[bucket.id] = tat if tat > now else now
-            charged[bucket.id] = charged.get(bucket.id, 0.0) + delta
+        if budgets:
+            counters = self._budgets
+            for counter, cost in budgets:
+                reserved = self._holds.pop((counter.id, lease), 0)
+                if reserved:
+                    self._held[counter.id] -= reserved
+                if counter.id in counters:  # a counter seeded afresh since has the ledger's word
+                    counters[counter.id] += cost
+        if adjustments:
+            rates = self._rates
+            now = _monotonic() * 1000.0
+            for bucket, delta in adjustments:
+                rate = rates.get(bucket.id)
+                if rate is None or rate.bucket is not bucket:
+                    rate = self._rate(bucket)
+                tat = rate.tat
+                tat = (tat if tat > now else now) + delta * rate.interval
+                rate.tat = tat if tat > now else now
+                rate.charged += delta
         for pool in pools:
             held = self._slots.get(pool.id)
             if held is not None:
@@ -129,7 +175,8 @@ class MemoryState:
 
     def charged(self, bucket_id: str) -> float:
         """Net units charged to a bucket since this process started (reservations, then settlements)."""
-        return self._charged.get(bucket_id, 0.0)
+        rate = self._rates.get(bucket_id)
+        return rate.charged if rate is not None else 0.0
 
     def in_use(self, pool_id: str) -> int:
         return len(self._slots.get(pool_id, ()))
