@@ -77,25 +77,21 @@ class Response:
     """One response; its body is read with `read()` or `blocks()`. `release()` hands a complete
     response's connection back to the pool; `close()` drops the connection (the upstream sees it)."""
 
-    __slots__ = ("_connection", "_headers", "_items", "status")
+    __slots__ = ("_connection", "_head", "_headers", "status")
 
-    def __init__(self, connection: _Connection, status: int, items: list[tuple[bytes, bytes]]) -> None:
+    def __init__(self, connection: _Connection, status: int, head: list[bytes]) -> None:
         self._connection: _Connection | None = connection
         self.status = status
-        self._items = items
+        self._head = head
         self._headers: dict[str, str] | None = None
 
     @property
     def headers(self) -> dict[str, str]:
-        """The head's fields, names lower-cased, repeated ones joined with ", ". Decoded on first use: a
-        200 answer's head is never read (only error answers pass headers on)."""
-        headers = self._headers
-        if headers is None:
-            headers = self._headers = {}
-            for raw_name, raw_value in self._items:
-                name, value = raw_name.decode("latin-1").lower(), raw_value.decode("latin-1")
-                headers[name] = f"{headers[name]}, {value}" if name in headers else value
-        return headers
+        """The head's fields, names lower-cased, repeated ones joined with ", ". Parsed on first use from
+        the bytes llhttp already checked: a 200 answer's head is never read (error answers pass it on)."""
+        if self._headers is None:
+            self._headers = parse_head(self._head)
+        return self._headers
 
     def _owned(self) -> _Connection:
         if self._connection is None:
@@ -157,7 +153,9 @@ class _Connection(asyncio.Protocol):
     def _reset(self) -> None:
         self.status = 0
         self.head_bytes = 0  # bytes received before the final response head was complete
-        self.header_items: list[tuple[bytes, bytes]] = []  # as the parser gave them; decoded by Response.headers
+        # The bytes received until the final head was complete (interim heads, some body too): the fields
+        # are parsed from them only when asked (parse_head), so the parser has no per-header callback.
+        self.head_parts: list[bytes] = []
         self.headers_done: asyncio.Future[None] | None = None
         self.chunks: list[bytes] = []
         self.buffered = 0
@@ -187,12 +185,13 @@ class _Connection(asyncio.Protocol):
         return self.headers_done
 
     def response(self) -> Response:
-        return Response(self, self.status, self.header_items)
+        return Response(self, self.status, self.head_parts)
 
     def _delimited(self) -> bool:
         """The body has a length or is chunked; otherwise it ends at EOF. Asked only when the connection
-        is lost mid-body, so the header names are not looked at per response."""
-        return any(name.lower() in (b"content-length", b"transfer-encoding") for name, _ in self.header_items)
+        is lost mid-body, so the head is not parsed per response."""
+        headers = parse_head(self.head_parts)
+        return "content-length" in headers or "transfer-encoding" in headers
 
     async def wait(self) -> None:
         if self.error is not None:
@@ -264,6 +263,8 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.timer is not None:
             self.last_read = self.loop.time()
+        if not self.status:  # the head is not complete yet: keep its bytes for parse_head
+            self.head_parts.append(data)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
@@ -296,13 +297,9 @@ class _Connection(asyncio.Protocol):
 
     # ---------------------------------------------------------------- httptools callbacks
 
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.header_items.append((name, value))  # kept raw: decoded only if Response.headers is read
-
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
         if 100 <= status < 200:  # an interim response (103 Early Hints): the real one follows
-            self.header_items = []
             return
         self.status = status
         if self.headers_done is not None and not self.headers_done.done():
@@ -565,6 +562,29 @@ class Pool:
                 waiter.cancel()
         for connection in list(self._open):
             connection.close()
+
+
+def parse_head(parts: list[bytes]) -> dict[str, str]:
+    """The fields of the final (non-1xx) response head at the start of `parts`, which llhttp has parsed
+    and accepted already: names lower-cased, repeated fields joined with ", "."""
+    data = b"".join(parts).replace(b"\r\n", b"\n")
+    start = 0
+    while True:
+        end = data.find(b"\n\n", start)
+        if end < 0:
+            return {}
+        lines = data[start:end].split(b"\n")
+        start = end + 2
+        code = lines[0].split(b" ", 2)[1:2]
+        if not (code and code[0].startswith(b"1")):  # interim heads (1xx) come before the real one
+            break
+    headers: dict[str, str] = {}
+    for line in lines[1:]:  # no obs-fold continuation lines: llhttp refuses them
+        raw_name, _, raw_value = line.partition(b":")
+        name = raw_name.strip().decode("latin-1").lower()
+        value = raw_value.strip(b" \t").decode("latin-1")
+        headers[name] = f"{headers[name]}, {value}" if name in headers else value
+    return headers
 
 
 def _parse(url: str) -> tuple[str, int, bool, str, str]:

@@ -352,6 +352,44 @@ def test_an_interim_response_is_skipped() -> None:
     run(main())
 
 
+def test_response_headers_are_the_final_heads_fields() -> None:
+    """The head is parsed only when its fields are read: after an interim head, repeated fields joined,
+    the body's bytes (arriving with the head, or in pieces) left alone."""
+    reply = (
+        b"HTTP/1.1 103 Early Hints\r\nlink: </x>\r\n\r\n"
+        b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 7\r\nX-RateLimit-Remaining:  0\r\n"
+        b"Vary: a\r\nvary: b\r\ncontent-length: 11\r\n\r\n"
+        b'{"ok":true}'
+    )
+
+    async def pieces(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        for i in range(0, len(reply), 9):  # the head split across many reads
+            writer.write(reply[i : i + 9])
+            await writer.drain()
+            await asyncio.sleep(0.001)
+
+    expected = {
+        "retry-after": "7",
+        "x-ratelimit-remaining": "0",
+        "vary": "a, b",
+        "content-length": "11",
+    }
+
+    async def main() -> None:
+        for script in (answering(reply), pieces):
+            async with Server(script) as server:
+                pool = http1.Pool(server.url())
+                response = await pool.request(request_bytes(pool))
+                assert response.status == 429
+                assert await response.read() == b'{"ok":true}'
+                assert response.headers == expected
+                response.release()
+                await pool.close()
+
+    run(main())
+
+
 def test_the_connection_cap_queues_requests() -> None:
     async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while True:
