@@ -167,11 +167,13 @@ class RequestRecord:
         route = self.metrics
         status = self.error.http_status if self.error else 200
         stream = "true" if self.stream else "false"
-        route.requests(stream, status)(1.0)
+        # The outcome's increment from the route's cache; requests() makes it the first time only.
+        (route._requests.get((stream, status)) or route.requests(stream, status))(1.0)
         if route is not UNROUTED:
             route.duration[stream].observe(elapsed)
             route.upstream.observe(self.upstream_wait)
-            route.overhead.observe(max(elapsed - self.upstream_wait - self.client_wait, 0.0))
+            overhead = elapsed - self.upstream_wait - self.client_wait
+            route.overhead.observe(overhead if overhead > 0.0 else 0.0)  # a test, not a call of max()
             if self.first_chunk:
                 route.ttft.observe(self.first_chunk - self.started)
             if self.error is not None and self.in_upstream:  # the deadline ran out while waiting upstream

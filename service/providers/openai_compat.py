@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
+import orjson
+
 from gateway.call import CallInfo
 from gateway.config import ProviderConfig, Timeouts
 from gateway.errors import BadGatewayError, UpstreamError
@@ -105,22 +107,25 @@ class OpenAICompatibleProvider(HTTPProvider):
         return self._events(head, lambda: _stream_body(request, upstream_model), call, timeouts, self._step)
 
     def _step(self, data: bytes, out: list[chat_pb2.ChatCompletionChunk]) -> bool:
+        # Once per event: the JSON, the error check and the decode inline, no call of our own between.
         if data == _DONE:
             return True
-        out.append(self._chunk(data))
-        return False
-
-    def _chunk(self, data: bytes) -> chat_pb2.ChatCompletionChunk:
-        obj = self._object(data, "stream event")
+        try:
+            obj = orjson.loads(data)
+        except orjson.JSONDecodeError as exc:
+            raise BadGatewayError(f"Provider {self.name} sent an invalid stream event: {exc}") from None
+        if type(obj) is not dict:
+            raise BadGatewayError(f"Provider {self.name} sent an invalid stream event: not a JSON object")
         if "error" in obj and "choices" not in obj:
             # An error after the stream started: providers report it as an event of its own.
             error = obj["error"] if isinstance(obj["error"], dict) else {}
             status = error.get("status") or error.get("code")
             raise UpstreamError(status if isinstance(status, int) and 400 <= status < 600 else 502, data)
         try:
-            return _CHUNK.decode_kept(obj)  # type: ignore[no-any-return]
+            out.append(_CHUNK.decode_kept(obj))
         except JsonMappingError as exc:
             raise BadGatewayError(f"Provider {self.name} sent an invalid stream event: {exc}") from None
+        return False
 
 
 def _stream_body(request: chat_pb2.CreateChatCompletionRequest, upstream_model: str) -> dict[str, Any]:

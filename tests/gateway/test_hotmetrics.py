@@ -51,3 +51,19 @@ def test_many_observations_and_increments_match() -> None:
         gauge_inc(1.0 if index % 3 else -1.0)
         reference_gauge.inc(1.0 if index % 3 else -1.0)
     assert samples(ours) == samples(theirs)
+
+
+def test_a_histogram_of_another_value_class_is_observed_through_its_inc(monkeypatch: pytest.MonkeyPatch) -> None:
+    from prometheus_client import values
+
+    ours, theirs = CollectorRegistry(), CollectorRegistry()
+    monkeypatch.setattr(values, "ValueClass", values.MutexValue)  # prometheus-client's own, with its lock
+    mine = Histogram("h", "h", buckets=BOUNDS, registry=ours)
+    monkeypatch.undo()
+    reference = Histogram("h", "h", buckets=BOUNDS, registry=theirs)
+    observer = Observer(mine)
+    assert observer.observe == observer._inc
+    for amount in AMOUNTS:
+        observer.observe(amount)
+        reference.observe(amount)
+    assert samples(ours) == samples(theirs)
