@@ -114,14 +114,18 @@ class Response:
 
     async def blocks(self) -> AsyncIterator[bytes]:
         """The body as it arrives: everything buffered since the last step, one block per step."""
+        while block := await self.next_block():
+            yield block
+
+    async def next_block(self) -> bytes:
+        """Everything buffered since the last call, once there is some; b"" when the body has ended.
+        A coroutine, not an async generator: no generator registered with the loop per response."""
         connection = self._owned()
-        while True:
-            if connection.buffered:
-                yield connection.take()
-            elif connection.complete:
-                return
-            else:
-                await connection.wait()
+        while not connection.buffered:
+            if connection.complete:
+                return b""
+            await connection.wait()
+        return connection.take()
 
     def release(self) -> None:
         """Done with the response: its connection goes back to the pool if the body was read to its

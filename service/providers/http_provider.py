@@ -128,21 +128,34 @@ class HTTPProvider:
                 if response.status != 200:
                     error = await within(total, response.read())
                     raise self._error(response.status, error, response.headers)
-                batches = sse_batches(response.blocks())
+                # The body's blocks are split into events here (sse_split), not through async generators
+                # over the response: none registered with the loop per stream, one coroutine per read.
+                buffer = b""
+                ended = False
                 limit = first
                 while True:
+                    if ended:
+                        raise BadGatewayError(f"Provider {self.name} ended the stream before its last event.")
                     if limit is None:  # no deployment timeout: the service's own deadline still applies
-                        batch = await anext(batches, None)
+                        block = await response.next_block()
                     else:
                         limit.enter()  # by hand: no __aenter__/__aexit__ coroutines per read
                         try:
-                            batch = await anext(batches, None)
+                            block = await response.next_block()
                         except BaseException as exc:
                             limit.leave(exc)
                             raise
                         limit.leave(None)
-                    if batch is None:
-                        raise BadGatewayError(f"Provider {self.name} ended the stream before its last event.")
+                    if block:
+                        batch, buffer = sse_split(buffer, block)
+                        if not batch:  # a read that completed no event
+                            continue
+                    else:
+                        ended = True
+                        data = _event_data(buffer)  # a last event without its blank line
+                        if data is None:
+                            continue
+                        batch = [data]
                     chunks: Chunks = []
                     for data in batch:
                         try:
@@ -239,16 +252,21 @@ async def sse_batches(blocks: AsyncIterator[bytes]) -> AsyncIterator[list[bytes]
     """
     buffer = b""
     async for block in blocks:
-        buffer = buffer + block if buffer else block
-        if b"\r" in buffer:
-            buffer = buffer.replace(b"\r\n", b"\n")  # a lone trailing \r waits for its \n
-        *events, buffer = buffer.split(b"\n\n")
-        batch = [data for event in events if (data := _event_data(event)) is not None]
+        batch, buffer = sse_split(buffer, block)
         if batch:
             yield batch
     data = _event_data(buffer)  # a last event without its blank line
     if data is not None:
         yield [data]
+
+
+def sse_split(buffer: bytes, block: bytes) -> tuple[list[bytes], bytes]:
+    """The `data` of the events that `block` completes after what `buffer` held, and what is left over."""
+    buffer = buffer + block if buffer else block
+    if b"\r" in buffer:
+        buffer = buffer.replace(b"\r\n", b"\n")  # a lone trailing \r waits for its \n
+    *events, buffer = buffer.split(b"\n\n")
+    return [data for event in events if (data := _event_data(event)) is not None], buffer
 
 
 def _event_data(event: bytes) -> bytes | None:
