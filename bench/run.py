@@ -28,6 +28,8 @@ PEERS = ("litellm", "portkey")
 # The feature scenarios whose budgets are differences to rest-inproc, measured again side by side (paired).
 PAIRED = ("rest-keys", "rest-keys-redis", "rest-full", "rest-full-redis")
 PAIRED_ROUNDS = 12
+# RSS is read this long after a pass: the requests its load generator abandoned end, and their cycles go.
+RSS_SETTLE_S = 2.0
 PAIRED_SLICE_S = 1.5
 
 
@@ -166,12 +168,14 @@ class Bench:
         """Pass 1 (every scenario), RSS, pass 2 (the busiest scenarios again), RSS: growth between them."""
         for path, targets, groups in paths:
             self.scenarios(path, workers, targets, groups)
+        time.sleep(RSS_SETTLE_S)
         first = rss_table(roots)
         if not self.o.rss_pass:
             self.results.rss.append({"instance": name, "workers": workers, "pass1": first, "pass2": None})
             return
         for path, targets, groups in paths:
             self.scenarios(path, workers, targets, groups, run=2)
+        time.sleep(RSS_SETTLE_S)
         self.results.rss.append({"instance": name, "workers": workers, "pass1": first, "pass2": rss_table(roots)})
 
     # ------------------------------------------------------------------ the paths

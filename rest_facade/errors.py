@@ -13,6 +13,7 @@ from sanic import HTTPResponse, Request
 from sanic.exceptions import MethodNotAllowed, NotFound, PayloadTooLarge, RequestTimeout, SanicException
 from sanic.handlers import ErrorHandler
 
+from gateway import cycles
 from gateway.errors import (
     ClientClosedError,
     GatewayError,
@@ -60,7 +61,8 @@ def from_sanic(request: Request | None, exc: BaseException) -> GatewayError:
     if isinstance(exc, asyncio.CancelledError):
         if request is not None and getattr(request.app.ctx, "draining", False):
             return ShuttingDownError("The gateway is shutting down; retry the request.")
-        # Sanic's RequestCancelled: the client went away mid-request.
+        # Sanic's RequestCancelled: the client went away mid-request, leaving cycles that hold its buffers.
+        cycles.abandoned()
         return ClientClosedError("The client closed the request.")
     method = request.method if request is not None else "?"
     path = request.path if request is not None else "?"
