@@ -83,6 +83,17 @@ class KeyUse:
             self.prompt_tokens(usage.prompt_tokens)
             self.completion_tokens(usage.completion_tokens)
 
+    def counted(self, status: int, prompt: int, completion: int) -> None:
+        """As `finish` with a usage whose two counts the caller has read already (each read is a call)."""
+        if not self.name:
+            return
+        inc = self._outcomes.get(status)
+        if inc is None:
+            inc = self._outcomes[status] = incrementer(metrics.KEY_REQUESTS.labels(self.name, self._model, str(status)))
+        inc(1.0)
+        self.prompt_tokens(prompt)
+        self.completion_tokens(completion)
+
 
 class Admission:
     """A request that passed its limits: what it holds until it is finished."""
@@ -123,12 +134,17 @@ class Admission:
         if self._done:
             return
         self._done = True
-        self.use.finish(status, usage)
+        if usage is not None:  # its counts read once, for the key's metrics and the settlement
+            prompt, completion = usage.prompt_tokens, usage.completion_tokens
+            self.use.counted(status, prompt, completion)
+            used = prompt + completion
+        else:
+            self.use.finish(status, None)
+            used = self._prompt
         pair = self._pair
         tokens = pair.tokens
         adjust: Sequence[tuple[Bucket, float]] = ()
         if tokens:
-            used = usage.prompt_tokens + usage.completion_tokens if usage is not None else self._prompt
             delta = used - self._reserved
             if delta:  # a reservation that was exact has nothing to settle
                 one = pair.one_tokens
@@ -319,7 +335,7 @@ class Tenancy:
         charges: list[tuple[Bucket, float]]
         if tokens or budgets:
             if isinstance(request, _CHAT):
-                prompt = estimate_prompt_tokens(request)
+                prompt = estimate_prompt_tokens(request, model)
                 reserved = prompt + completion_cap(request, self._default_cap)
             else:  # embeddings: the input is all there is, and its text is nearly all of the message
                 prompt = reserved = request.ByteSize() // CHARS_PER_TOKEN

@@ -32,12 +32,13 @@ CHARS_PER_TOKEN = 4
 SMALL_REQUEST_BYTES = 2048
 
 
-def estimate_prompt_tokens(request: chat_pb2.CreateChatCompletionRequest) -> int:
-    """About four characters a token: cheap (no tokenizer), and within a few tokens for English text."""
+def estimate_prompt_tokens(request: chat_pb2.CreateChatCompletionRequest, model: str | None = None) -> int:
+    """About four characters a token: cheap (no tokenizer), and within a few tokens for English text.
+    `model`: the request's model when the caller has read it already (each read builds a new str)."""
     size = request.ByteSize()
     if size < SMALL_REQUEST_BYTES:  # an image's URL counts its bytes here, not 85 tokens: a few tokens under at most
         # The message framing (role, tags) stands for MESSAGE_TOKENS; the model's name is not prompt.
-        return (size - len(request.model)) // CHARS_PER_TOKEN + REPLY_TOKENS
+        return (size - len(request.model if model is None else model)) // CHARS_PER_TOKEN + REPLY_TOKENS
     chars = 0
     attachments = 0
     messages = request.messages  # each access of a repeated field builds a wrapper (0.2 us): read once
@@ -72,6 +73,8 @@ def completion_cap(request: chat_pb2.CreateChatCompletionRequest, default: int) 
     n = request.n  # unset reads 0, as an explicit 0 does: both mean one choice
     return max(cap, 0) * (n if n > 1 else 1)
 
+
+_ceil = math.ceil  # a module global: one read per header, not `math` then its attribute
 
 _MS_TEXT = ("0s", *(f"{ms}ms" for ms in range(1, 1000)))  # the reset header of most requests: no formatting
 
@@ -136,6 +139,10 @@ _HEADER_NAMES = {
 def headers(levels: Sequence[Level], requests: int, out: dict[str, str]) -> None:
     """OpenAI's x-ratelimit-* for the tightest requests scope and the tightest tokens scope, into `out`
     (the call's response metadata: no dict of its own per request)."""
+    if requests == 1 and len(levels) == 2:  # one requests and one tokens scope, the common shape: no min()
+        _put(out, _REQUESTS, levels[0])
+        _put(out, _TOKENS, levels[1])
+        return
     if requests:
         _put(out, _REQUESTS, levels[0] if requests == 1 else min(levels[:requests], key=_remaining))
     if len(levels) > requests:
@@ -153,10 +160,12 @@ def _put(out: dict[str, str], names: tuple[str, str, str], tight: Level) -> None
         if len(_LIMIT_TEXT) > 1024:  # limits of configs reloaded many times over
             _LIMIT_TEXT.clear()
         text = _LIMIT_TEXT[limit] = str(int(limit))
-    out[names[0]] = text
-    out[names[1]] = str(int(remaining + 1e-9)) if remaining > -1e-9 else "0"  # int() is floor for positives
-    whole = math.ceil(reset_ms - 1e-9)
-    out[names[2]] = _MS_TEXT[whole] if 0 <= whole < 1000 else go_duration(reset_ms)  # most resets: no call
+    limit_name, remaining_name, reset_name = names
+    out[limit_name] = text
+    # %d of a float truncates, which is floor for positives: one operator, not int() then str().
+    out[remaining_name] = "%d" % (remaining + 1e-9) if remaining > -1e-9 else "0"  # noqa: UP031
+    whole = _ceil(reset_ms - 1e-9)
+    out[reset_name] = _MS_TEXT[whole] if 0 <= whole < 1000 else go_duration(reset_ms)  # most resets: no call
 
 
 def _remaining(level: Level) -> float:
