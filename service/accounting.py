@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from gateway import metrics
+from gateway import cycles, metrics
 from gateway.call import CallInfo, new_request_id
 from gateway.errors import (
     BadGatewayError,
@@ -155,6 +155,7 @@ class RequestRecord:
         elif isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
             self.error = ClientClosedError("The client closed the request.")
             self.in_upstream = False
+            cycles.abandoned()  # its traceback's frames hold the request's buffers in cycles: collected soon
             return exc  # cancellation keeps propagating as itself
         else:
             log.error("unexpected error", exc_info=True, request_id=self.request_id)

@@ -263,14 +263,15 @@ async def sse_batches(blocks: AsyncIterator[bytes]) -> AsyncIterator[list[bytes]
 def sse_split(buffer: bytes, block: bytes) -> tuple[list[bytes], bytes]:
     """The `data` of the events that `block` completes after what `buffer` held, and what is left over."""
     buffer = buffer + block if buffer else block
-    if b"\r" in buffer:
+    # find(), not `in`: bytes.__contains__ first tries its argument as an int and formats a TypeError.
+    if buffer.find(b"\r") >= 0:
         buffer = buffer.replace(b"\r\n", b"\n")  # a lone trailing \r waits for its \n
     *events, buffer = buffer.split(b"\n\n")
     return [data for event in events if (data := _event_data(event)) is not None], buffer
 
 
 def _event_data(event: bytes) -> bytes | None:
-    if event.startswith(b"data: ") and b"\n" not in event:  # what every provider sends: one data line
+    if event.startswith(b"data: ") and event.find(b"\n") < 0:  # what every provider sends: one data line
         return event[6:]
     if event.startswith(b"event: "):  # what Anthropic sends: a name line, then one data line
         at = event.find(b"\ndata: ")

@@ -12,7 +12,10 @@ import weakref
 from pathlib import Path
 from typing import Any
 
+import grpc
+
 from gateway.cycles import CycleCollector
+from llm_gateway.v1 import chat_pb2, chat_pb2_grpc
 from tests.fakes.upstream import FakeUpstream
 from tests.harness import GatewayProcess
 from tests.rest_facade.rest import open_request
@@ -49,15 +52,28 @@ def test_a_burst_is_one_collection_and_the_next_waits_for_the_interval() -> None
     asyncio.run(go())
 
 
-def test_a_client_that_goes_away_is_followed_by_a_collection(tmp_path: Path) -> None:
-    fake = FakeUpstream().start()
-    config = {
+LINE = "reference cycles collected after an abandoned request"
+
+
+def _config(fake: FakeUpstream) -> dict[str, Any]:
+    return {
         "logging": {"level": "DEBUG"},
         "providers": {"openai": {"type": "openai", "api_url": f"{fake.url}/v1", "api_key": "sk-upstream"}},
         "models": {"gpt-4o": "openai"},
         "usage": {"database": ""},
     }
-    gateway = GatewayProcess(config, tmp_path).start()
+
+
+def _collected(gateway: GatewayProcess, more_than: int = 0) -> int:
+    deadline = time.monotonic() + 20
+    while gateway.log_text().count(LINE) <= more_than and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return gateway.log_text().count(LINE)
+
+
+def test_a_client_that_goes_away_is_followed_by_a_collection(tmp_path: Path) -> None:
+    fake = FakeUpstream().start()
+    gateway = GatewayProcess(_config(fake), tmp_path).start()
     try:
         fake.hang()
         abandoned = 3
@@ -65,13 +81,28 @@ def test_a_client_that_goes_away_is_followed_by_a_collection(tmp_path: Path) -> 
             fake.received.clear()
             with open_request(gateway.base_url, {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}):
                 fake.last()  # the upstream has it; the client goes away
-        line = "reference cycles collected after an abandoned request"
-        deadline = time.monotonic() + 20
-        while line not in gateway.log_text() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert line in gateway.log_text(), gateway.log_text()[-3000:]
+        assert _collected(gateway) >= 1, gateway.log_text()[-3000:]
         time.sleep(1.5)  # any other collection of this burst is due by now
-        assert 1 <= gateway.log_text().count(line) <= abandoned
+        assert 1 <= gateway.log_text().count(LINE) <= abandoned
+    finally:
+        gateway.stop()
+        fake.stop()
+
+
+def test_a_grpc_call_its_client_cancels_is_followed_by_a_collection(tmp_path: Path) -> None:
+    fake = FakeUpstream().start()
+    gateway = GatewayProcess(_config(fake), tmp_path).start()
+    try:
+        fake.hang()
+        request = chat_pb2.CreateChatCompletionRequest(
+            model="gpt-4o", messages=[chat_pb2.ChatMessage(role="user", content_text="hi")]
+        )
+        with grpc.insecure_channel(gateway.grpc_address) as channel:
+            stub = chat_pb2_grpc.ChatServiceStub(channel)  # type: ignore[no-untyped-call]
+            call = stub.CreateChatCompletion.future(request, timeout=30)
+            fake.last()  # the upstream has it; the client cancels
+            call.cancel()
+        assert _collected(gateway) >= 1, gateway.log_text()[-3000:]
     finally:
         gateway.stop()
         fake.stop()
