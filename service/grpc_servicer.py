@@ -60,6 +60,12 @@ async def _failed(
     A call cancelled by the drain, after the grace period, ends as shutting_down."""
     if draining and isinstance(exc, asyncio.CancelledError):
         exc = _SHUTTING_DOWN
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= 0 and not isinstance(exc, asyncio.CancelledError):
+        # The caller's deadline has passed, so C-core has ended the call and any batch now fails: grpc.aio
+        # would log that failure as an error. Our own deadline (the same instant) raced it; it is over.
+        rpc.done(started, grpc.StatusCode.DEADLINE_EXCEEDED)
+        raise asyncio.CancelledError from exc
     rpc.done(started, _code_of(exc))
     if isinstance(exc, GatewayError):
         await context.abort(exc.grpc_code, exc.message, trailing_metadata=exc.grpc_trailers())
