@@ -152,7 +152,7 @@ class HTTPProvider:
                             continue
                     else:
                         ended = True
-                        data = _event_data(buffer)  # a last event without its blank line
+                        data = event_data(buffer)  # a last event without its blank line
                         if data is None:
                             continue
                         batch = [data]
@@ -242,35 +242,22 @@ def transport_error(exc: BaseException, provider: str) -> GatewayError:
     return BadGatewayError(f"Provider {provider} failed: {type(exc).__name__}")
 
 
-async def sse_batches(blocks: AsyncIterator[bytes]) -> AsyncIterator[list[bytes]]:
-    """The `data` of Server-Sent Events in a byte stream read in blocks of any size: one list per
-    block, of the events that block completed (blocks that complete none yield nothing).
+def sse_split(buffer: bytes, block: bytes) -> tuple[list[bytes], bytes]:
+    """The `data` of the events that `block` completes after what `buffer` held, and what is left over.
 
     Events end at a blank line; an event's several `data:` lines join with newlines; comments (`:`) and
-    other fields (event, id, retry) are skipped. One await per network read, not one per line or event:
-    the events that arrived together are split here, in memory.
-    """
-    buffer = b""
-    async for block in blocks:
-        batch, buffer = sse_split(buffer, block)
-        if batch:
-            yield batch
-    data = _event_data(buffer)  # a last event without its blank line
-    if data is not None:
-        yield [data]
-
-
-def sse_split(buffer: bytes, block: bytes) -> tuple[list[bytes], bytes]:
-    """The `data` of the events that `block` completes after what `buffer` held, and what is left over."""
+    other fields (event, id, retry) are skipped. One call per network read, not one per line or event:
+    the events that arrived together are split here, in memory. At the end of the body, what is left
+    over is a last event without its blank line (`event_data`)."""
     buffer = buffer + block if buffer else block
     # find(), not `in`: bytes.__contains__ first tries its argument as an int and formats a TypeError.
     if buffer.find(b"\r") >= 0:
         buffer = buffer.replace(b"\r\n", b"\n")  # a lone trailing \r waits for its \n
     *events, buffer = buffer.split(b"\n\n")
-    return [data for event in events if (data := _event_data(event)) is not None], buffer
+    return [data for event in events if (data := event_data(event)) is not None], buffer
 
 
-def _event_data(event: bytes) -> bytes | None:
+def event_data(event: bytes) -> bytes | None:
     if event.startswith(b"data: ") and event.find(b"\n") < 0:  # what every provider sends: one data line
         return event[6:]
     if event.startswith(b"event: "):  # what Anthropic sends: a name line, then one data line

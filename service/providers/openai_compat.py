@@ -112,10 +112,10 @@ class OpenAICompatibleProvider(HTTPProvider):
             return True
         try:
             obj = orjson.loads(data)
-        except orjson.JSONDecodeError as exc:
-            raise BadGatewayError(f"Provider {self.name} sent an invalid stream event: {exc}") from None
-        if type(obj) is not dict:
-            raise BadGatewayError(f"Provider {self.name} sent an invalid stream event: not a JSON object")
+        except orjson.JSONDecodeError:
+            obj = None
+        if type(obj) is not dict:  # _object() says what is wrong with it (it raises)
+            obj = self._object(data, "stream event")
         if "error" in obj and "choices" not in obj:
             # An error after the stream started: providers report it as an event of its own.
             error = obj["error"] if isinstance(obj["error"], dict) else {}

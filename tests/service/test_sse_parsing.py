@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator
-
 import pytest
 
-from service.providers.http_provider import sse_batches
+from service.providers.http_provider import event_data, sse_split
 
 STREAM = (
     b": keep-alive comment\n\n"
@@ -22,14 +19,17 @@ EXPECTED = [b'{"a": 1}', b'{"b":\n2}', b'{"c": 3}', b"[DONE]"]
 
 
 def _batches(blocks: list[bytes]) -> list[list[bytes]]:
-    async def source() -> AsyncIterator[bytes]:
-        for block in blocks:
-            yield block
-
-    async def collect() -> list[list[bytes]]:
-        return [batch async for batch in sse_batches(source())]
-
-    return asyncio.run(collect())
+    """What HTTPProvider._events does with the body's reads: one batch per read that completed events."""
+    out: list[list[bytes]] = []
+    buffer = b""
+    for block in blocks:
+        batch, buffer = sse_split(buffer, block)
+        if batch:
+            out.append(batch)
+    last = event_data(buffer)
+    if last is not None:
+        out.append([last])
+    return out
 
 
 def _read(blocks: list[bytes]) -> list[bytes]:
