@@ -73,22 +73,17 @@ class KeyUse:
             self.completion_tokens = incrementer(metrics.KEY_TOKENS.labels(self.name, model, "completion"))
 
     def finish(self, status: int, usage: chat_pb2.Usage | None, cost: int = 0) -> None:
-        if not self.name:
-            return
-        inc = self._outcomes.get(status)
-        if inc is None:  # a handful of statuses per pair, bound the first time each is seen
-            inc = self._outcomes[status] = incrementer(metrics.KEY_REQUESTS.labels(self.name, self._model, str(status)))
-        inc(1.0)
-        if usage is not None:
-            self.prompt_tokens(usage.prompt_tokens)
-            self.completion_tokens(usage.completion_tokens)
+        if usage is None:  # counted as a request, with no tokens
+            self.counted(status, 0, 0)
+        else:
+            self.counted(status, usage.prompt_tokens, usage.completion_tokens)
 
     def counted(self, status: int, prompt: int, completion: int) -> None:
         """As `finish` with a usage whose two counts the caller has read already (each read is a call)."""
         if not self.name:
             return
         inc = self._outcomes.get(status)
-        if inc is None:
+        if inc is None:  # a handful of statuses per pair, bound the first time each is seen
             inc = self._outcomes[status] = incrementer(metrics.KEY_REQUESTS.labels(self.name, self._model, str(status)))
         inc(1.0)
         self.prompt_tokens(prompt)
