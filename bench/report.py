@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import statistics
 import subprocess
 import time
 from dataclasses import dataclass
@@ -109,6 +110,34 @@ def _gateway_cpu(row: Row | None) -> float | None:
     return row.cpu_split_ms.get("gateway", row.cpu_ms)
 
 
+# The per-feature budgets and the base each is measured against, in the paired pass.
+PAIRED_BUDGETS = (("rest-keys", "rest-inproc"), ("rest-keys-redis", "rest-inproc"), ("rest-full", "rest-keys"))
+
+
+def paired_differences(results: Results, path: str, base: str) -> list[float]:
+    """Per round of the paired pass: `path`'s gateway CPU per request minus `base`'s in the same round."""
+    ours, theirs = results.paired_rounds.get(path), results.paired_rounds.get(base)
+    if not ours or not theirs or len(ours) != len(theirs):
+        return []
+    return [round(a - b, 4) for a, b in zip(ours, theirs, strict=True)]
+
+
+def paired_spread(results: Results) -> list[str]:
+    """One line per budgeted feature: the median difference, its quartiles and every round's."""
+    lines = []
+    for path, base in PAIRED_BUDGETS:
+        differences = paired_differences(results, path, base)
+        if len(differences) < 2:
+            continue
+        low, _, high = statistics.quantiles(differences, n=4, method="inclusive")
+        every = ", ".join(f"{d:+.3f}" for d in differences)
+        lines.append(
+            f"- {path} above {base}: median {statistics.median(differences):+.4f} ms, quartiles {low:+.4f} to "
+            f"{high:+.4f} ({len(differences)} rounds: {every})"
+        )
+    return lines
+
+
 def checks(results: Results, options: Options) -> list[Check]:
     rows, top = results.rows, max(options.concurrency)
     out: list[Check] = []
@@ -122,7 +151,11 @@ def checks(results: Results, options: Options) -> list[Check]:
         return _gateway_cpu(_find(rows, path, workers, kind, top))
 
     def extra(path: str, base: str) -> float | None:
-        """A feature's CPU above its base: from the paired pass (run 3, side by side) when it ran."""
+        """A feature's CPU above its base: the median of the paired pass's per-round differences when it
+        ran, else its summed rows (run 3), else the two scenarios' first runs."""
+        differences = paired_differences(results, path, base)
+        if differences:
+            return round(statistics.median(differences), 4)
         paired = [_find(rows, p, 1, "unary", top, run=3) for p in (path, base)]
         if all(paired):
             return diff(_gateway_cpu(paired[0]), _gateway_cpu(paired[1]))
@@ -313,6 +346,7 @@ def to_json(results: Results, options: Options, info: dict[str, Any]) -> bytes:
                 for c in checks(results, options)
             ],
             "summary": dict(summary(results, options)),
+            "paired_rounds_cpu_ms_per_req": results.paired_rounds,
             "failures": results.failures,
             "loadavg_1min": {"before": results.load_before, "after": results.load_after},
         },
@@ -353,6 +387,16 @@ def to_markdown(results: Results, options: Options, info: dict[str, Any], extra:
         "|---|---|---|---|",
         *(f"| {c.target} | {c.measured} | {c.limit} | {c.verdict} |" for c in checks(results, options)),
         "",
+    ]
+    spread = paired_spread(results)
+    if spread:
+        lines += [
+            "The paired pass's per-round differences of gateway CPU per request (each budget above is their median):",
+            "",
+            *spread,
+            "",
+        ]
+    lines += [
         "## All paths",
         "",
         "| path | workers | scenario | run | req/s | req/s/worker | p50 ms | p99 ms | added p50 ms | CPU ms/req"

@@ -84,6 +84,8 @@ class Results:
     # 1-minute load average before and after: other work on the machine skews every number.
     load_before: float = field(default_factory=lambda: os.getloadavg()[0])
     load_after: float = 0.0
+    # The paired pass: each path's gateway CPU per request in each round, in round order (see paired()).
+    paired_rounds: dict[str, list[float]] = field(default_factory=dict)
 
 
 def _rest_target(
@@ -373,7 +375,9 @@ class Bench:
         and on a shared 2-core machine one scenario run a minute after another can read 30% apart. Here
         rest-inproc and each feature's gateway run side by side, idle but for the one under load, and take
         turns: PAIRED_ROUNDS rounds of one slice each, in a rotated order, CPU and requests summed per
-        path. Drift of the machine lands on all of them alike. Rows: run 3, unary, top concurrency."""
+        path (rows: run 3, unary, top concurrency). Each round's CPU per request is kept too: a budget is
+        the median over rounds of the feature's figure minus its base's in the same round, so a slice
+        that another tenant of the host slowed down moves one difference, not the verdict."""
         upstream = {kind: nginx.url(kind) for kind in ("unary", "stream")}
         base = systems.gateway_config(upstream, "WARNING")
         redis_url = redis.url if redis is not None else ""
@@ -401,13 +405,19 @@ class Bench:
                 target(top, max(self.o.warmup, 0.5))
             cpu = {path: dict.fromkeys(groups, 0.0) for path, _, groups in turns}
             done: dict[str, list[LoadResult]] = {path: [] for path, _, _ in turns}
+            rounds: dict[str, list[float]] = {path: [] for path, _, _ in turns}
             for round_ in range(PAIRED_ROUNDS):
                 shift = round_ % len(turns)
                 for path, target, groups in turns[shift:] + turns[:shift]:
                     before = {name: CpuSample.take([pid]) for name, pid in groups.items()}
-                    done[path].append(target(top, PAIRED_SLICE_S))
+                    result = target(top, PAIRED_SLICE_S)
+                    done[path].append(result)
                     for name, pid in groups.items():
-                        cpu[path][name] += CpuSample.take([pid]).since(before[name])
+                        spent = CpuSample.take([pid]).since(before[name])
+                        cpu[path][name] += spent
+                        if name == "gateway":
+                            rounds[path].append(round(spent * 1000 / max(1, result.requests), 4))
+            self.results.paired_rounds = rounds
             for path, _, _ in turns:
                 results = done[path]
                 requests = sum(r.requests for r in results)
