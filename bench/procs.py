@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +24,27 @@ def free_port() -> int:
 def pin(cpus: set[int] | None) -> None:
     if cpus:
         os.sched_setaffinity(0, cpus)
+
+
+@contextlib.contextmanager
+def pinned(roots: list[int], cpus: set[int] | None) -> Iterator[None]:
+    """Every thread of the process trees under `roots` on `cpus` for the block, then back on the CPUs each
+    had (threads started meanwhile inherit their creator's). None or empty: nothing changes."""
+    before: dict[int, set[int]] = {}
+    if cpus:
+        for root in roots:
+            for pid in descendants(root):
+                with contextlib.suppress(OSError):
+                    for tid in map(int, os.listdir(f"/proc/{pid}/task")):
+                        with contextlib.suppress(OSError):
+                            before[tid] = os.sched_getaffinity(tid)
+                            os.sched_setaffinity(tid, cpus)
+    try:
+        yield
+    finally:
+        for tid, had in before.items():
+            with contextlib.suppress(OSError):  # a thread that has ended meanwhile
+                os.sched_setaffinity(tid, had)
 
 
 def wait_port(port: int, process: subprocess.Popen[bytes], log: Path | None = None, timeout: float = 60.0) -> None:

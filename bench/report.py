@@ -369,8 +369,9 @@ def to_markdown(results: Results, options: Options, info: dict[str, Any], extra:
         f"kernel {info['kernel']}; {info['nginx']}; {info['wrk']}. Code: {info['code']}.",
         "",
         f"Each scenario: {options.warmup:g} s warm-up, then {options.seconds:g} s measured. Load generators (wrk, "
-        "the gRPC client) and nginx are pinned to one core; the gateway is not pinned. Column meanings and how "
-        "CPU is measured: [README.md](README.md).",
+        "the gRPC client) and nginx are pinned to one core; the gateway is not pinned, except at c=1, where the "
+        "system under test shares the load generator's core (cross-core wake-ups in this VM cost more than a "
+        "proxy does). Column meanings and how CPU is measured: [README.md](README.md).",
         "",
         f"1-minute load average before the run {results.load_before:.2f}, after {results.load_after:.2f}"
         + (" (**other work was running on the machine: numbers are skewed**)." if results.load_before > 1 else "."),
