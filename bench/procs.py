@@ -42,9 +42,17 @@ def pinned(roots: list[int], cpus: set[int] | None) -> Iterator[None]:
     try:
         yield
     finally:
-        for tid, had in before.items():
-            with contextlib.suppress(OSError):  # a thread that has ended meanwhile
-                os.sched_setaffinity(tid, had)
+        # Threads started inside the block (grpc's EventEngine pool grows on demand, the ledger's writer
+        # starts with the first record) inherited `cpus`: they go back to what their process's main
+        # thread had, or later scenarios would run with them still beside the load generator.
+        for root in roots if cpus else []:
+            for pid in descendants(root):
+                with contextlib.suppress(OSError):
+                    for tid in map(int, os.listdir(f"/proc/{pid}/task")):
+                        had = before.get(tid, before.get(pid))
+                        if had is not None:
+                            with contextlib.suppress(OSError):  # a thread that has ended meanwhile
+                                os.sched_setaffinity(tid, had)
 
 
 def wait_port(port: int, process: subprocess.Popen[bytes], log: Path | None = None, timeout: float = 60.0) -> None:
