@@ -125,6 +125,13 @@ class DeploymentState:
             self._failures.clear()
             self._set(HEALTHY)
 
+    def inherit(self, old: DeploymentState) -> None:
+        """After a reload: the health of the same deployment on the core it replaces. A trial in flight
+        there ends there; here the deployment is due a trial of its own (its cooldown has passed)."""
+        self._failures = deque(old._failures)
+        self.cooldown_until = old.cooldown_until
+        self._set(COOLDOWN if old.state == TRIAL else old.state)
+
     def _set(self, state: int) -> None:
         self.state = state
         self._gauge.set(state)

@@ -42,6 +42,7 @@ def successor(old: ChatCore, config: Config) -> tuple[ChatCore, set[str]]:
             for name, spec in config.providers.items()
         }
         core = ChatCore(config, Router(config, providers))
+        core.router.inherit(old.router, kept)  # nor are the deployments' cooldowns
         Tenancy.carry_over(old.tenancy, core.tenancy)  # limits and slots are not reset by a reload
         return core, kept
     except BaseException:

@@ -73,6 +73,27 @@ class Router:
     def providers(self) -> dict[str, Provider]:
         return self._providers
 
+    def inherit(self, old: Router, kept: set[str]) -> None:
+        """After a reload: deployments still served the same way (same model, deployment name, upstream
+        model, and a provider whose settings did not change) keep their health, so a reload does not
+        send traffic back to one in cooldown. A changed provider (a new key, say) starts healthy."""
+        before = {
+            (model, state.deployment.name): state
+            for model, balancer in old._balancers.items()
+            for state in balancer.states
+        }
+        for model, balancer in self._balancers.items():
+            for state in balancer.states:
+                previous = before.get((model, state.deployment.name))
+                deployment = state.deployment
+                if (
+                    previous is not None
+                    and deployment.provider in kept
+                    and previous.deployment.provider == deployment.provider
+                    and previous.deployment.upstream_model == deployment.upstream_model
+                ):
+                    state.inherit(previous)
+
     def hand_over(self, names: set[str]) -> None:
         """These providers now belong to a successor (a reload kept them): close() leaves them open."""
         self._providers = {name: p for name, p in self._providers.items() if name not in names}

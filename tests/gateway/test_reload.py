@@ -392,3 +392,55 @@ def test_the_change_report_names_what_changed_and_never_a_value() -> None:
     assert restart == ["server.port"]
     assert applied.server.port == 8080 and applied.server.shutdown_grace == 5
     assert changes(old, old) == {}
+
+
+def test_a_deployment_in_cooldown_stays_benched_across_a_reload(tmp_path: Path) -> None:
+    """A reload that leaves a failing deployment's provider as it was keeps it cooling down; one that
+    changes the provider (a fixed key, say) gives it a fresh start."""
+    failing, healthy = FakeUpstream().start(), FakeUpstream().start()
+    failing.reply(500, {"error": {"message": "down", "type": "server_error"}})
+    healthy.reply(200, completion())
+    config = {
+        "server": {"request_timeout": 30},
+        "logging": {"level": "DEBUG"},
+        "routing": {"retries": 1, "backoff_initial": 0.01, "backoff_max": 0.02, "cooldown_failures": 1},
+        "providers": {
+            name: {"api_key": SECRET, "api_url": f"{fake.url}/v1", "is_openai_compatible": True}
+            for name, fake in (("a", failing), ("b", healthy))
+        },
+        # least_inflight picks the first of equals: deployment a, whenever it is not cooling down.
+        "models": {
+            "gpt-4o": {
+                "load_balancing": "least_inflight",
+                "deployments": [{"provider": "a", "name": "a"}, {"provider": "b", "name": "b"}],
+            }
+        },
+    }
+    gateway = GatewayProcess(config, tmp_path).start()
+    hello = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
+
+    def reload(count: int) -> None:
+        assert gateway.config_path is not None and gateway.process is not None
+        rewrite(gateway.config_path, config)
+        gateway.process.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while sum(line["msg"] == "config reloaded" for line in gateway.log_lines()) < count:
+            assert time.monotonic() < deadline, gateway.log_text()
+            time.sleep(0.05)
+
+    try:
+        assert post(gateway.base_url, hello).status == 200  # a fails, the retry on b answers
+        assert len(failing.received) == 1
+        config["models"]["gpt-4o-mini"] = "b"  # a change elsewhere: a's provider stays as it was
+        reload(1)
+        for _ in range(4):
+            assert post(gateway.base_url, hello).status == 200
+        assert len(failing.received) == 1  # still benched: nothing went to a
+        config["providers"]["a"]["read_timeout"] = 99  # a's provider changes: a starts healthy
+        reload(2)
+        assert post(gateway.base_url, hello).status == 200
+        assert len(failing.received) == 2
+    finally:
+        assert gateway.stop() == 0
+        failing.stop()
+        healthy.stop()
