@@ -48,7 +48,9 @@ _SHUTTING_DOWN = ShuttingDownError("The gateway is shutting down; retry the requ
 def _code_of(exc: BaseException) -> grpc.StatusCode:
     if isinstance(exc, GatewayError):
         return exc.grpc_code
-    if isinstance(exc, asyncio.CancelledError):
+    # GeneratorExit: a stream's handler closed the servicer's generator, because a write was cancelled
+    # or failed. Either way the client is gone, as with a cancellation in the service itself.
+    if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
         return grpc.StatusCode.CANCELLED
     return grpc.StatusCode.UNKNOWN
 

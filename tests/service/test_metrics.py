@@ -150,6 +150,31 @@ def test_cancelled_stream(fakes: dict[str, FakeUpstream], start: Callable[..., A
         assert fakes["main"].wait_disconnected()
 
 
+def test_a_stream_whose_client_leaves_while_a_write_waits_is_cancelled_not_unknown(
+    fakes: dict[str, FakeUpstream], start: Callable[..., Any]
+) -> None:
+    """The client reads one message and stops: the server's writes wait on HTTP/2 flow control until the
+    client cancels, so the cancellation lands in the handler's write, not in the service. The servicer's
+    generator is then closed (GeneratorExit), and that is the client leaving too."""
+    gateway, stub = start()
+    fakes["main"].stream(chunks(tuple("x" * 16_000 for _ in range(1000))), together=True)
+    call = stub.StreamChatCompletion(_request(stream=True), timeout=30)
+    next(call)
+    time.sleep(0.5)  # the whole upstream body has arrived; the server waits for window to write
+    call.cancel()
+    deadline = time.monotonic() + 10
+    while value(samples := scrape(gateway), "llm_gateway_requests_total", outcome="499") < 1:
+        assert time.monotonic() < deadline, "the cancelled stream was never counted"
+        time.sleep(0.05)
+    deadline = time.monotonic() + 5
+    while value(samples, "llm_gateway_grpc_server_handled_total", grpc_method="StreamChatCompletion") < 1:
+        assert time.monotonic() < deadline, "the RPC was never counted"
+        time.sleep(0.05)
+        samples = scrape(gateway)
+    assert value(samples, "llm_gateway_grpc_server_handled_total", grpc_code="UNKNOWN") == 0
+    assert value(samples, "llm_gateway_grpc_server_handled_total", grpc_code="CANCELLED") == 1
+
+
 def test_labels_are_never_empty(fakes: dict[str, FakeUpstream], start: Callable[..., Any]) -> None:
     gateway, stub = start()
     for model in ("no-such-model", ""):
