@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import os
+import shutil
 import signal
 import tempfile
 import time
@@ -32,11 +33,16 @@ log = logs.get_logger("cli")
 
 
 def supervise(config: Config, grpc_only: bool, prepare: Callable[[Config], Config], worker: Callable[..., None]) -> int:
+    made = None
     if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         # Workers keep metric values in shared files here, so /metrics on any worker shows the sum.
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="llm-gateway-metrics-")
+        made = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="llm-gateway-metrics-")
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the reload handler is in place
-    return asyncio.run(_run(config, grpc_only, prepare, worker))
+    try:
+        return asyncio.run(_run(config, grpc_only, prepare, worker))
+    finally:
+        if made is not None:  # ours, and every worker has exited: one directory per start would pile up
+            shutil.rmtree(made, ignore_errors=True)
 
 
 async def _run(
