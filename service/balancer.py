@@ -20,7 +20,7 @@ import random
 import time
 from collections import deque
 from collections.abc import Iterable
-from typing import Protocol
+from typing import Any, Protocol
 
 from prometheus_client import Counter, Gauge
 
@@ -131,10 +131,22 @@ class DeploymentState:
         self._failures = deque(old._failures)
         self.cooldown_until = old.cooldown_until
         self._set(COOLDOWN if old.state == TRIAL else old.state)
+        # The gauge child is shared: a call still ending on the old core must not overwrite this one's state.
+        old._gauge = _DETACHED
 
     def _set(self, state: int) -> None:
         self.state = state
         self._gauge.set(state)
+
+
+class _Detached:
+    """The gauge of a deployment state a reload has replaced: its transitions are no longer shown."""
+
+    def set(self, value: float) -> None:
+        return None
+
+
+_DETACHED: Any = _Detached()
 
 
 class CooldownListener(Protocol):

@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 
 from gateway.config import parse
 from service.balancer import COOLDOWN, HEALTHY, TRIAL, DeploymentState
@@ -29,6 +30,10 @@ BASE: dict[str, Any] = {
 
 def _state(router: Router, model: str, name: str) -> DeploymentState:
     return next(s for s in router._balancers[model].states if s.deployment.name == name)
+
+
+def _gauge(model: str, deployment: str) -> float | None:
+    return REGISTRY.get_sample_value("llm_gateway_deployment_state", {"model": model, "deployment": deployment})
 
 
 def _changed(path: tuple[str, ...], value: Any) -> dict[str, Any]:
@@ -109,6 +114,10 @@ def test_recent_failures_carry_over_and_a_trial_becomes_due_again() -> None:
         carried.started()
         carried.failed(time.monotonic(), counts=True)  # the third failure benches it
         assert carried.state == COOLDOWN
+        # The old core's trial ends there, healed: the shared gauge keeps showing the new core's state.
+        trying.succeeded()
+        assert trying.state == HEALTHY
+        assert _gauge("gpt-4o", "b") == COOLDOWN and _gauge("gpt-4o", "a") == COOLDOWN
         await old.close()
         await new.close()
 
