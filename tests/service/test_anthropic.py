@@ -12,7 +12,7 @@ import pytest
 
 from gateway.call import CallInfo
 from gateway.config import Timeouts, parse
-from gateway.errors import BadGatewayError, GatewayError, InvalidRequestError, UpstreamError
+from gateway.errors import BadGatewayError, InvalidRequestError, UpstreamError
 from gateway.jsonpb import MessageCodec
 from llm_gateway.v1 import chat_pb2
 from service.providers import build_provider
@@ -20,6 +20,7 @@ from service.providers.anthropic import completion, request_body
 from service.retry import retryable
 from tests.fakes import anthropic as fake
 from tests.fakes.upstream import FakeUpstream, serve
+from tests.service.streams import drain
 
 REQUEST = MessageCodec.for_type(chat_pb2.CreateChatCompletionRequest)
 COMPLETION = MessageCodec.for_type(chat_pb2.ChatCompletion)
@@ -61,23 +62,10 @@ def complete(upstream: FakeUpstream, body: dict[str, Any] = HELLO, **spec: Any) 
 
 def stream(upstream: FakeUpstream, body: dict[str, Any] = HELLO) -> tuple[list[list[dict[str, Any]]], Exception | None]:
     """The batches of chunks (as JSON) the provider yields, and the error it ended with, if any."""
-
-    async def run() -> tuple[list[list[dict[str, Any]]], Exception | None]:
-        provider = build_provider(provider_config(upstream))
-        batches: list[list[dict[str, Any]]] = []
-        try:
-            async for batch in provider.stream(
-                REQUEST.decode({**body, "stream": True}), "claude-sonnet-4-5", CallInfo(), Timeouts(total=20)
-            ):
-                assert batch, "a batch is never empty"
-                batches.append([orjson.loads(CHUNK.dumps(chunk)) for chunk in batch])
-        except GatewayError as exc:
-            return batches, exc
-        finally:
-            await provider.close()
-        return batches, None
-
-    return asyncio.run(run())
+    request = REQUEST.decode({**body, "stream": True})
+    batches, error = drain(provider_config(upstream), request, "claude-sonnet-4-5", Timeouts(total=20))
+    assert all(batches), "a batch is never empty"
+    return [[orjson.loads(CHUNK.dumps(chunk)) for chunk in batch] for batch in batches], error
 
 
 def flat(batches: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:

@@ -3,18 +3,16 @@ table. The chunks before it still reach the caller; the bad event ends the strea
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from gateway.call import CallInfo
 from gateway.config import Timeouts, parse
 from gateway.errors import BadGatewayError, GatewayError, UpstreamError
 from llm_gateway.v1 import chat_pb2
-from service.providers import build_provider
 from tests.fakes.upstream import FakeUpstream, chunks
+from tests.service.streams import drain
 
 
 @pytest.fixture(scope="module")
@@ -30,19 +28,8 @@ def _read(fake: FakeUpstream) -> tuple[int, GatewayError | None]:
         model="gpt-4o", messages=[chat_pb2.ChatMessage(role="user", content_text="hi")], stream=True
     )
 
-    async def run() -> tuple[int, GatewayError | None]:
-        provider = build_provider(config.providers["up"])
-        got = 0
-        try:
-            async for batch in provider.stream(request, "gpt-4o", CallInfo(), Timeouts()):
-                got += len(batch)
-        except GatewayError as exc:
-            return got, exc
-        finally:
-            await provider.close()
-        return got, None
-
-    return asyncio.run(run())
+    batches, error = drain(config.providers["up"], request, "gpt-4o", Timeouts())
+    return sum(len(batch) for batch in batches), error
 
 
 @pytest.mark.parametrize(
