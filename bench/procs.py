@@ -26,33 +26,38 @@ def pin(cpus: set[int] | None) -> None:
         os.sched_setaffinity(0, cpus)
 
 
+def _threads(roots: list[int]) -> Iterator[tuple[int, int]]:
+    """(pid, thread id) of every thread of the process trees under `roots`, as they are now."""
+    for root in roots:
+        for pid in descendants(root):
+            with contextlib.suppress(OSError):  # a process that has ended meanwhile
+                for tid in os.listdir(f"/proc/{pid}/task"):
+                    yield pid, int(tid)
+
+
 @contextlib.contextmanager
 def pinned(roots: list[int], cpus: set[int] | None) -> Iterator[None]:
     """Every thread of the process trees under `roots` on `cpus` for the block, then back on the CPUs each
     had (threads started meanwhile inherit their creator's). None or empty: nothing changes."""
+    if not cpus:
+        yield
+        return
     before: dict[int, set[int]] = {}
-    if cpus:
-        for root in roots:
-            for pid in descendants(root):
-                with contextlib.suppress(OSError):
-                    for tid in map(int, os.listdir(f"/proc/{pid}/task")):
-                        with contextlib.suppress(OSError):
-                            before[tid] = os.sched_getaffinity(tid)
-                            os.sched_setaffinity(tid, cpus)
+    for _, tid in _threads(roots):
+        with contextlib.suppress(OSError):  # a thread that has ended meanwhile
+            before[tid] = os.sched_getaffinity(tid)
+            os.sched_setaffinity(tid, cpus)
     try:
         yield
     finally:
         # Threads started inside the block (grpc's EventEngine pool grows on demand, the ledger's writer
         # starts with the first record) inherited `cpus`: they go back to what their process's main
         # thread had, or later scenarios would run with them still beside the load generator.
-        for root in roots if cpus else []:
-            for pid in descendants(root):
+        for pid, tid in _threads(roots):
+            had = before.get(tid, before.get(pid))
+            if had is not None:
                 with contextlib.suppress(OSError):
-                    for tid in map(int, os.listdir(f"/proc/{pid}/task")):
-                        had = before.get(tid, before.get(pid))
-                        if had is not None:
-                            with contextlib.suppress(OSError):  # a thread that has ended meanwhile
-                                os.sched_setaffinity(tid, had)
+                    os.sched_setaffinity(tid, had)
 
 
 def wait_port(port: int, process: subprocess.Popen[bytes], log: Path | None = None, timeout: float = 60.0) -> None:
